@@ -1,0 +1,8 @@
+"""lsrm: a small, exact reference implementation of LSRM (arXiv 2511.08238).
+
+config.py  presets and config dataclasses      vit.py     CLIP-shaped ViT with adapters
+llama.py   LLaMA-family decoder, KV cache      memory.py  visual memory, SRProj, fusion, inheritable CA
+vlm.py     ViT -> memory -> LLaMA, freezing
+"""
+from .config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp, PRESETS  # noqa: F401
+from .vlm import LSRM, build  # noqa: F401

@@ -1,0 +1,246 @@
+"""Configuration: one dataclass per component, and the named presets.
+
+`tiny` is CPU-sized (seconds per step); the other presets are the paper's eight backbones, each with
+CLIP ViT-L/14, with the true architecture numbers (method.md §2-§6). Every full preset can be built on
+the meta device (`model.vlm.build(cfg, device="meta")`) to count parameters without any weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ViTConfig:
+    """CLIP visual tower (openai/CLIP `VisionTransformer`), plus MemVP's bottleneck adapters."""
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024                # Dv
+    layers: int = 24
+    heads: int = 16
+    output_dim: int = 768            # `proj` (kept so checkpoints load; LSRM never applies it)
+    eps: float = 1e-5                # LayerNorm eps (CLIP uses torch's default)
+    adapter_dim: int = 12            # bottleneck width of the trainable ViT adapters
+    adapter_scale: float = 0.1
+    adapter_dropout: float = 0.1
+    adapters: bool = True            # switch the ViT adapters off entirely
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid ** 2
+
+
+@dataclass
+class LlamaConfig:
+    """LLaMA-family decoder, in Meta's `params.json` vocabulary."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None    # None -> n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # LLaMA-3.1/3.2 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_context)
+    rope_scaling: tuple[float, float, float, int] | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide")
+        if self.rope_scaling is not None:
+            self.rope_scaling = tuple(self.rope_scaling)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """SwiGLU hidden size exactly as Meta's `FeedForward.__init__` derives it."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+@dataclass
+class LSRMConfig:
+    """The visual memory (MemVP) and LSRM's three switches (method.md §4-§5).
+
+    The Table-5 ladder:  baseline  taps=[-2], proj_hidden=128, srproj=False, inheritable=False
+                         + fusion  taps=[mid, -2], proj_hidden=64
+                         + SRProj  srproj=True
+                         + inheritable cross-attention  inheritable=True
+    """
+    n_slots: int = 320               # N: 256 patches + 64 learned prompt slots (400 for 13B)
+    taps: list[int] = field(default_factory=lambda: [12, 22])  # 0-based ViT blocks whose outputs are read
+    proj_hidden: int = 64            # d_h per projector (MemVP: 128 with one projector)
+    srproj: bool = True              # learnable Λ after the activation (eq. 3.2.2)
+    inheritable: bool = True         # inheritable cross-attention (eq. 3.3.3/3.3.4)
+    delta: float = 0.3               # δ: fraction of each row decayed per block
+    lam: float = 0.85                # λ: decay factor
+    fusion_scale: float = 0.1        # s: weight of the memory branch in the FFN
+    feature_scale: float = 0.01      # fixed scale on projected features (released code)
+    dropout: float = 0.1             # dropout on the memory attention scores
+    shift_epoch: int = 15            # first epoch with inheritable CA on (epochs 0..14 without)
+
+    def __post_init__(self):
+        self.taps = list(self.taps)
+        if not self.taps:
+            raise ValueError("lsrm.taps must list at least one ViT block")
+        if not 0.0 <= self.delta <= 1.0:
+            raise ValueError(f"lsrm.delta must be in [0, 1], got {self.delta}")
+        if not 0.0 < self.lam <= 1.0:
+            raise ValueError(f"lsrm.lam must be in (0, 1], got {self.lam}")
+
+
+@dataclass
+class Config:
+    name: str
+    vit: ViTConfig
+    llama: LlamaConfig
+    lsrm: LSRMConfig
+
+    def __post_init__(self):
+        layers = self.vit.layers
+        self.lsrm.taps = [t % layers for t in self.lsrm.taps]      # allow -2 for "penultimate"
+        if len(set(self.lsrm.taps)) != len(self.lsrm.taps):
+            raise ValueError(f"lsrm.taps has repeated blocks: {self.lsrm.taps}")
+        if self.lsrm.n_slots < self.vit.n_patches:
+            raise ValueError(f"lsrm.n_slots={self.lsrm.n_slots} < {self.vit.n_patches} image patches")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(name=d["name"], vit=ViTConfig(**d["vit"]), llama=LlamaConfig(**d["llama"]),
+                   lsrm=LSRMConfig(**d["lsrm"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+VIT_L14 = dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, output_dim=768)
+_LLAMA1_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
+_LLAMA1_13B = dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
+_LLAMA3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192)
+
+LLAMAS: dict[str, dict] = {
+    "llama-7b": _LLAMA1_7B,
+    "llama-13b": _LLAMA1_13B,
+    "llama2-7b": {**_LLAMA1_7B, "norm_eps": 1e-5, "max_seq_len": 4096},
+    "llama2-13b": {**_LLAMA1_13B, "norm_eps": 1e-5, "max_seq_len": 4096},
+    # Vicuna v1.1/v1.3 (the LaVIN/MemVP setup) is a LLaMA-1-7B finetune; eps is re-read from the checkpoint
+    "vicuna-7b": _LLAMA1_7B,
+    "llama3.2-1b": {**_LLAMA3, "dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 256,
+                    "ffn_dim_multiplier": 1.5, "rope_scaling": (32.0, 1.0, 4.0, 8192), "tie_embeddings": True},
+    "llama3.2-3b": {**_LLAMA3, "dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "multiple_of": 256,
+                    "ffn_dim_multiplier": 1.0, "rope_scaling": (32.0, 1.0, 4.0, 8192), "tie_embeddings": True},
+    "llama3.1-8b": {**_LLAMA3, "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 1024,
+                    "ffn_dim_multiplier": 1.3, "rope_scaling": (8.0, 1.0, 4.0, 8192)},
+}
+
+
+def _tiny() -> Config:
+    # 32 px images in 4 px patches -> 64 patches; 80 memory slots (64 + 16 learned prompt slots).
+    vit = ViTConfig(image_size=32, patch_size=4, width=64, layers=6, heads=4, output_dim=64, adapter_dim=8)
+    llama = LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=260, multiple_of=32,
+                        norm_eps=1e-5, max_seq_len=512)
+    lsrm = LSRMConfig(n_slots=80, taps=[vit.layers // 2, vit.layers - 2], proj_hidden=32)
+    return Config("tiny", vit, llama, lsrm)
+
+
+def _full(name: str) -> Config:
+    n_slots = 400 if "13b" in name else 320
+    return Config(name, ViTConfig(**VIT_L14), LlamaConfig(**LLAMAS[name]), LSRMConfig(n_slots=n_slots))
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"tiny": _tiny, **{n: (lambda n=n: _full(n)) for n in LLAMAS}}
+
+
+def get_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise KeyError(f"unknown config {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def memvp(cfg: Config) -> Config:
+    """The MemVP baseline of the same backbones: penultimate ViT block only, one 128-wide projector."""
+    d = cfg.to_dict()
+    d["lsrm"].update(taps=[cfg.vit.layers - 2], proj_hidden=2 * cfg.lsrm.proj_hidden, srproj=False,
+                     inheritable=False)
+    return Config.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides from the command line: `--set lsrm.delta=0.2 --set vit.adapters=false`
+
+def _parse(text: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(text, inner[0], key)
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true/false, got {text!r}")
+    if origin in (list, tuple):
+        items = [s for s in text.strip("[]()").split(",") if s.strip()]
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ValueError(f"{key}: expected {len(args)} comma-separated values, got {text!r}")
+            return tuple(_parse(s.strip(), a, key) for s, a in zip(items, args))
+        return [_parse(s.strip(), args[0], key) for s in items]
+    try:
+        return typ(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {text!r}") from None
+
+
+def field_types(obj) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply `key=value` strings to a (nested) config dataclass, validating keys and types."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        obj, parts = cfg, key.strip().split(".")
+        for i, part in enumerate(parts):
+            types = field_types(obj)
+            if part not in types:
+                valid = ", ".join(".".join(parts[:i] + [k]) for k in types)
+                raise ValueError(f"unknown option {key!r}; valid keys here: {valid}")
+            if i < len(parts) - 1:
+                obj = getattr(obj, part)
+                if not dataclasses.is_dataclass(obj):
+                    raise ValueError(f"unknown option {key!r}: {part} is not a group")
+            else:
+                setattr(obj, part, _parse(text.strip(), types[part], key))
+    # re-run the derived fields and checks of every component
+    for sub in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)):
+        if dataclasses.is_dataclass(sub) and hasattr(sub, "__post_init__"):
+            sub.__post_init__()
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
+    return cfg

@@ -1,0 +1,103 @@
+"""The whole model: frozen ViT -> trainable visual memory -> frozen LLaMA (method.md §1).
+
+Only the adapters train: the ViT bottleneck adapters, the projectors (with Λ) and P1/P2.
+`build` makes a model on any device, including `meta` (no memory, for parameter counts and for
+materialising real checkpoints without holding a 7B model twice).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .llama import Transformer
+from .memory import VisualMemory, VisualMemoryRead
+from .vit import VisionTransformer
+
+
+def is_adapter(name: str) -> bool:
+    """The trainable parameters, by name: the visual memory (projectors, Λ, P1, P2) and the ViT adapters."""
+    return name.startswith("memory.") or ".adapter." in name
+
+
+class LSRM(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vit)
+        self.llama = Transformer(cfg.llama)
+        self.memory = VisualMemory(cfg)
+
+    def encode_images(self, images: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D)."""
+        hidden = self.visual(images, self.cfg.lsrm.taps)                      # L x (B, 1 + P, Dv)
+        feats = [self.visual.ln_post(h[:, 1:]) for h in hidden]               # frozen ln_post, CLS dropped
+        return self.memory.encode(feats, has_image)
+
+    def memory_read(self, z: torch.Tensor, inheritable: Optional[bool] = None) -> VisualMemoryRead:
+        on = self.cfg.lsrm.inheritable if inheritable is None else inheritable
+        return self.memory.read(z, inheritable=on, training=self.training)
+
+    def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None,
+                has_image: Optional[torch.Tensor] = None, *, z: Optional[torch.Tensor] = None,
+                inheritable: Optional[bool] = None, start_pos: int = 0, use_cache: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V). Give images (+ has_image), or a precomputed z, or neither
+        (a text-only batch). `inheritable` overrides the config switch (training before shift_epoch)."""
+        if z is None:
+            if images is None:
+                z = self.memory.empty(tokens.shape[0])
+            else:
+                if has_image is None:
+                    has_image = torch.ones(images.shape[0], device=images.device)
+                z = self.encode_images(images, has_image)
+        read = self.memory_read(z, inheritable)
+        return self.llama(tokens, start_pos=start_pos, memory=read, use_cache=use_cache, last_only=last_only)
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter(name))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: the checkpoint of a fine-tuned model is a few MB even at 13B."""
+    return {n: p.detach() for n, p in model.named_parameters() if is_adapter(n)}
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Frozen weights in `dtype` (bf16/fp16 on GPU), trainable ones kept in fp32."""
+    for name, p in model.named_parameters():
+        if not is_adapter(name):
+            p.data = p.data.to(dtype)
+    return model
+
+
+def build(cfg: Config, device: str | torch.device = "cpu") -> LSRM:
+    """A model with random frozen weights and freshly initialised adapters, only adapters trainable."""
+    with torch.device(device):
+        model = LSRM(cfg)
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def param_groups(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Parameter counts by group (works on the meta device): the paper's '#Param trainable' column."""
+    groups: dict[str, dict[str, int]] = {}
+
+    def group_of(name: str) -> str:
+        if name in ("memory.p1", "memory.p2"):
+            return "memory positions P1/P2"
+        if name.startswith("memory.projectors"):
+            return "projectors (incl. Λ)"
+        if ".adapter." in name:
+            return "ViT adapters"
+        return "frozen ViT" if name.startswith("visual.") else "frozen LLM"
+
+    for name, p in model.named_parameters():
+        g = groups.setdefault(group_of(name), {"trainable": 0, "total": 0})
+        g["total"] += p.numel()
+        g["trainable"] += p.numel() if p.requires_grad else 0
+    return groups

@@ -1,0 +1,160 @@
+"""Invariants of the whole model at tiny size: what must hold for LSRM to be the method it claims."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from model import get_config, memvp
+from model.config import apply_overrides
+from model.memory import VisualMemoryRead
+from model.vit import VisionTransformer
+from model.vlm import adapter_state_dict, build, is_adapter
+
+
+def tiny(**lsrm):
+    cfg = get_config("tiny")
+    for k, v in lsrm.items():
+        setattr(cfg.lsrm, k, v)
+    return cfg
+
+
+def batch(cfg, B=3, T=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.llama.vocab_size, (B, T), generator=g)
+    images = torch.randn(B, 3, cfg.vit.image_size, cfg.vit.image_size, generator=g)
+    return tokens, images
+
+
+def trained_like(model, seed=1):
+    """Perturb every adapter parameter, as training would, so no zero-init hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if is_adapter(n):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_only_adapters_train():
+    model = build(get_config("tiny"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model))
+    assert all(n.startswith("memory.") or ".adapter." in n for n in trainable)
+    assert any(".Lambda" in n for n in trainable) and "memory.p1" in trainable and "memory.p2" in trainable
+    tokens, images = batch(model.cfg)
+    model(tokens, images).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad <= trainable and "memory.p2" in with_grad
+
+
+@pytest.mark.parametrize("inheritable", [False, True])
+def test_no_image_fresh_adapters_equal_frozen_decoder(inheritable):
+    """P2 = 0 and Z = 0 for an item without an image: V = 0, so the memory adds exactly nothing."""
+    torch.manual_seed(0)
+    model = build(tiny(inheritable=inheritable)).eval()
+    tokens, images = batch(model.cfg)
+    has_image = torch.tensor([0.0, 0.0, 0.0])
+    with torch.no_grad():
+        assert torch.equal(model(tokens, images, has_image), model.llama(tokens))
+        assert torch.equal(model(tokens), model.llama(tokens))                    # text-only batch
+
+
+def test_zero_init_vit_adapters_leave_features_unchanged():
+    cfg = get_config("tiny").vit
+    torch.manual_seed(0)
+    adapted = VisionTransformer(cfg)
+    plain = VisionTransformer(dataclasses.replace(cfg, adapters=False))
+    missing, unexpected = plain.load_state_dict(adapted.state_dict(), strict=False)
+    assert not missing and all(".adapter." in k for k in unexpected)
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    taps = [1, 3, 4]
+    for a, b in zip(adapted.train()(images, taps), plain.train()(images, taps)):   # even with dropout on
+        assert torch.equal(a, b)
+
+
+def test_vit_runs_no_block_past_the_deepest_tap():
+    vit = VisionTransformer(get_config("tiny").vit)
+    ran = []
+    for i, blk in enumerate(vit.transformer.resblocks):
+        blk.register_forward_hook(lambda m, inp, out, i=i: ran.append(i))
+    out = vit(torch.randn(1, 3, 32, 32), [3, 1])
+    assert ran == [0, 1, 2, 3] and [o.shape for o in out] == [(1, 65, 64)] * 2
+
+
+def test_kv_cache_decoding_equals_full_forward_with_inheritable_on():
+    torch.manual_seed(0)
+    model = trained_like(build(tiny(inheritable=True))).eval()
+    tokens, images = batch(model.cfg, B=2, T=24)
+    with torch.no_grad():
+        z = model.encode_images(images, torch.ones(2))
+        full = model(tokens, z=z)
+        model.llama.reset_cache()
+        steps = [model(tokens[:, :7], z=z, use_cache=True)]                       # prefill 7 tokens
+        steps.append(model(tokens[:, 7:12], z=z, start_pos=7, use_cache=True))   # a chunk of 5
+        steps += [model(tokens[:, t:t + 1], z=z, start_pos=t, use_cache=True) for t in range(12, 24)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_inheritable_cross_attention_acts():
+    """The released code's bug left M = 1; here M must decay and the output must change."""
+    torch.manual_seed(0)
+    model = trained_like(build(tiny(inheritable=True))).eval()
+    tokens, images = batch(model.cfg)
+    with torch.no_grad():
+        z = model.encode_images(images, torch.ones(3))
+        read = model.memory_read(z)
+        read.history = []
+        on = model.llama(tokens, memory=read)
+        off = model(tokens, z=z, inheritable=False)
+    assert read.M is not None and (read.M < 1).any()
+    assert len(read.history) == model.cfg.llama.n_layers
+    k = int(0.3 * model.cfg.lsrm.n_slots)
+    assert ((read.history[0] < 1).sum(-1) == k).all()                  # first block: exactly k per row
+    assert not torch.allclose(on, off)
+
+
+def test_m_is_fresh_for_every_forward():
+    model = trained_like(build(tiny(inheritable=True))).eval()
+    tokens, images = batch(model.cfg)
+    with torch.no_grad():
+        a, b = model(tokens, images), model(tokens, images)
+    assert torch.equal(a, b)
+
+
+def test_memory_read_shapes():
+    cfg = tiny()
+    model = build(cfg)
+    tokens, images = batch(cfg, B=2, T=5)
+    z = model.encode_images(images, torch.ones(2))
+    assert z.shape == (2, cfg.lsrm.n_slots, cfg.llama.dim)
+    assert torch.equal(z[:, cfg.vit.n_patches:], torch.zeros_like(z[:, cfg.vit.n_patches:]))  # padding slots
+    read = model.memory_read(z)
+    assert isinstance(read, VisualMemoryRead)
+    assert read(torch.randn(2, 5, cfg.llama.dim)).shape == (2, 5, cfg.llama.dim)
+
+
+def test_multilevel_fusion_is_the_mean_of_the_projectors():
+    cfg = tiny()
+    model = trained_like(build(cfg)).eval()
+    feats = [torch.randn(2, cfg.vit.n_patches, cfg.vit.width) for _ in cfg.lsrm.taps]
+    with torch.no_grad():
+        z = model.memory.encode(feats, torch.ones(2))
+        expected = sum(p(x) for p, x in zip(model.memory.projectors, feats)) / len(feats) * 0.01
+    torch.testing.assert_close(z[:, :cfg.vit.n_patches], expected)
+
+
+def test_ablation_ladder_configs_build_and_differ():
+    base = memvp(get_config("tiny"))
+    assert base.lsrm.taps == [4] and base.lsrm.proj_hidden == 64
+    assert not base.lsrm.srproj and not base.lsrm.inheritable
+    steps = [base,
+             apply_overrides(copy.deepcopy(base), ["lsrm.taps=3,4", "lsrm.proj_hidden=32"]),
+             apply_overrides(copy.deepcopy(base), ["lsrm.taps=3,4", "lsrm.proj_hidden=32", "lsrm.srproj=true"]),
+             get_config("tiny")]
+    assert steps[-1].lsrm.inheritable and steps[-1].lsrm.srproj and steps[-1].lsrm.taps == [3, 4]
+    tokens, images = batch(base)
+    for cfg in steps:
+        model = build(cfg)
+        assert len(model.memory.projectors) == len(cfg.lsrm.taps)
+        assert model(tokens, images).shape == (3, 17, cfg.llama.vocab_size)
