@@ -46,6 +46,7 @@ class LlamaConfig:
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None    # explicit SwiGLU width (HF `intermediate_size`); None derives it
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # LLaMA-3.1/3.2 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_context)
@@ -67,7 +68,9 @@ class LlamaConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        """SwiGLU hidden size exactly as Meta's `FeedForward.__init__` derives it."""
+        """SwiGLU hidden size exactly as Meta's `FeedForward.__init__` derives it (unless given)."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
