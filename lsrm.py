@@ -1,16 +1,35 @@
 #!/usr/bin/env python3
 """lsrm: the one command-line entry point.
 
-    python lsrm.py params --config llama-7b [--json]     trainable / total parameters, by group
+    python lsrm.py train                                   tiny pretrain (cached) + LSRM fine-tune + test
+    python lsrm.py eval --ckpt runs/tiny/checkpoint.pt     the accuracy table (or BLEU/CIDEr for COCO)
+    python lsrm.py generate --ckpt ... --image P --prompt "..."   greedy decoding, streamed
+    python lsrm.py params --config llama-7b [--json]       trainable / total parameters, by group
+
+Options of the config are set with `--set key=value` (e.g. `--set train.epochs=5 --set lsrm.delta=0.2`);
+an unknown key is an error that lists the valid ones. Multi-process: `torchrun --nproc_per_node=K lsrm.py train`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from pathlib import Path
+
+import torch
 
 from model import config as C
-from model.vlm import build, param_groups
+from model.data import DataError, VLDataset, check_images, collate, load_image, read_coco, read_scienceqa
+from model.evaluate import evaluate_coco, evaluate_scienceqa, generate
+from model.metrics import format_table
+from model.tokenizer import ByteTokenizer
+from model.train import (CheckpointError, backbone_fingerprint, default_device, distributed, fmt_time,
+                         inheritable_at, load_adapters, load_checkpoint, train)
+from model.vlm import LSRM, build, cast_frozen, param_groups
+
+ROOT = Path(__file__).resolve().parent
 
 
 class UserError(Exception):
@@ -24,6 +43,159 @@ def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
         raise UserError(e.args[0]) from None
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def resolve(path: str) -> Path:
+    """Relative data paths are relative to the working directory, else to the repository."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+
+def make_tokenizer(cfg: C.Config):
+    if not cfg.train.tokenizer:
+        return ByteTokenizer()
+    from model.tokenizer import load_tokenizer
+    return load_tokenizer(resolve(cfg.train.tokenizer))
+
+
+def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
+    """The frozen backbones (tiny: pretrained here, cached; else from checkpoint files) + fresh adapters."""
+    t = cfg.train
+    if t.vit_weights or t.llm_weights:
+        from model.weights import load_backbones, materialize
+        model = build(cfg, device="meta")
+        load_backbones(model, vit_path=resolve(t.vit_weights) if t.vit_weights else None,
+                       llm_path=resolve(t.llm_weights) if t.llm_weights else None)
+        model = materialize(model, device="cpu")
+    elif not t.pretrained:
+        model = build(cfg)                        # random frozen backbones: for smoke tests only
+    else:
+        if cfg.name != "tiny":
+            raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
+        from model.pretrain import pretrained_backbones
+        rank = int(os.environ.get("RANK", 0))
+        if rank != 0:                             # rank 0 pretrains (or reads the cache) first
+            torch.distributed.barrier()
+        state = pretrained_backbones(cfg, log=log)
+        if rank == 0 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        model = build(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        allowed = {n for n, _ in model.named_parameters() if n.startswith("memory.") or ".adapter." in n}
+        if unexpected or set(missing) - allowed:
+            raise UserError(f"pretrained backbone cache does not fit config {cfg.name}: "
+                            f"{sorted(set(missing) - allowed)[:3]} {unexpected[:3]}")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[t.frozen_dtype]
+    return cast_frozen(model, dtype).to(device)
+
+
+def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, limit: int = 0):
+    root = resolve(data or cfg.train.data)
+    if cfg.train.task == "scienceqa":
+        examples = read_scienceqa(root, split, captions=cfg.train.captions)
+    else:
+        examples = read_coco(root, split)
+    examples = examples[:limit] if limit else examples
+    check_images(examples)                  # never start on a missing or corrupt image
+    return examples, VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
+
+
+def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print) -> dict:
+    examples, dataset = make_dataset(cfg, split, tokenizer, data)
+    fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
+    metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, inheritable, log=log)
+    return {"split": split, "n": len(examples), "metrics": metrics, "records": records}
+
+
+def report(cfg, result: dict) -> str:
+    if cfg.train.task == "scienceqa":
+        return format_table(result["metrics"], title=f"ScienceQA-format {result['split']} ({result['n']} items)")
+    return "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+def cmd_train(args) -> None:
+    cfg = load_config(args.config, args.set)
+    rank, world = distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    device = default_device()
+    out = Path(args.out or f"runs/{cfg.name}")
+    t0 = time.time()
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = make_tokenizer(cfg)
+    examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
+    log(f"{len(examples)} training items from {resolve(cfg.train.data)}; config {cfg.name}; "
+        f"{world} process(es) on {device}")
+    model = make_model(cfg, device, log)
+    groups = param_groups(model)
+    log(f"trainable parameters: {sum(g['trainable'] for g in groups.values()):,}")
+    summary = train(cfg, model, dataset, lambda items: collate(items, tokenizer.pad_id), out,
+                    resume=args.resume, stop_after=args.stop_after, log=log, device=device)
+    if summary["step"] < summary["total"]:
+        log(f"stopped at step {summary['step']}/{summary['total']}; continue with --resume")
+        return
+    if rank != 0 or args.no_eval:
+        return
+    on = inheritable_at(cfg, cfg.train.epochs - 1)
+    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, on, log=log)
+    result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
+    print(report(cfg, result))
+    print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+
+
+def model_from_checkpoint(path: str, device, overrides=None, log=print):
+    ckpt = load_checkpoint(Path(path))
+    try:
+        cfg = C.apply_overrides(C.Config.from_dict(ckpt["config"]), overrides or [])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+    tokenizer = make_tokenizer(cfg)
+    model = make_model(cfg, device, log)
+    load_adapters(model, ckpt, Path(path))
+    fp = backbone_fingerprint(model)
+    if any(abs(a - b) > 1e-4 * max(1.0, abs(b)) for a, b in zip(fp, ckpt.get("backbone", fp))):
+        log(f"warning: {path} was trained on different frozen backbones than the ones loaded now")
+    return cfg, model.eval(), tokenizer, ckpt
+
+
+def cmd_eval(args) -> None:
+    device = default_device()
+    cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set)
+    result = evaluate(cfg, model, tokenizer, args.split, device, ckpt["inheritable_used"], data=args.data)
+    print(report(cfg, result))
+    if args.out:
+        Path(args.out).write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
+
+
+def cmd_generate(args) -> None:
+    device = default_device()
+    cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
+    prompt = args.prompt.replace("\\n", "\n")
+    tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=device)
+    if args.image:
+        image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+        z = model.encode_images(image, torch.ones(1, device=device))
+    else:
+        z = model.memory.empty(1)
+    pending: list[int] = []
+
+    def stream(tok: torch.Tensor):               # print as soon as the bytes form whole characters
+        pending.append(int(tok[0]))
+        text = tokenizer.decode(pending)
+        if "\ufffd" not in text and int(tok[0]) != tokenizer.eos_id:
+            print(text, end="", flush=True)
+            pending.clear()
+
+    generate(model, tokens, z, args.max_new_tokens, tokenizer.eos_id, ckpt["inheritable_used"], on_token=stream)
+    print()
 
 
 def cmd_params(args) -> None:
@@ -45,16 +217,42 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("params", help="count trainable and total parameters (built on the meta device)")
+    def with_set(p):
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. lsrm.delta=0.2 or train.epochs=5")
+        return p
+
+    p = with_set(sub.add_parser("train", help="fine-tune (tiny: pretrain backbones first), then evaluate"))
     p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. lsrm.delta=0.2")
+    p.add_argument("--out", help="run directory (default runs/CONFIG)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, help="stop (and checkpoint) after this many steps in total")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.set_defaults(fn=cmd_train)
+
+    p = with_set(sub.add_parser("eval", help="evaluate a checkpoint"))
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", help="dataset directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.set_defaults(fn=cmd_eval)
+
+    p = with_set(sub.add_parser("generate", help="greedy decoding from a checkpoint, streamed"))
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--image", help="an image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True, help=r"the prompt text; \n for new lines")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(fn=cmd_generate)
+
+    p = with_set(sub.add_parser("params", help="count trainable and total parameters (built on the meta device)"))
+    p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_params)
 
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except UserError as e:
+    except (UserError, ValueError) as e:     # DataError, CheckpointError, WeightsError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -109,11 +109,53 @@ class LSRMConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The fine-tuning recipe (method.md §7) and where the data and backbones come from."""
+    task: str = "scienceqa"          # scienceqa | coco
+    data: str = "tiny_data/scienceqa"
+    limit: int = 0                   # use only the first N training items (0: all); for smoke runs
+    epochs: int = 20
+    batch_size: int = 32             # effective (global) batch per optimizer step
+    micro_batch: int = 32            # per process per forward; batch_size / (micro_batch * world) = accumulation
+    base_lr: float = 9e-3            # lr = base_lr * batch_size / 256
+    warmup_epochs: float = 2.0       # linear warmup per iteration, then half-cycle cosine to 0
+    weight_decay: float = 0.02       # on >= 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0           # 0: off (the released recipe does not clip)
+    max_len: int = 512
+    preprocess: str = "clip"         # clip (resize short side + centre crop, CLIP mean/std) | squash (released code)
+    captions: bool = False           # add ScienceQA captions to the context (train and eval alike)
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0              # also checkpoint every N steps (0: at the end of each epoch only)
+    eval_split: str = "test"
+    eval_batch: int = 64
+    # backbones: empty means the tiny preset's own pretrained ones (pretrain.py); else checkpoint paths
+    pretrained: bool = True          # tiny only: False keeps random frozen backbones (smoke tests)
+    vit_weights: str = ""
+    llm_weights: str = ""
+    tokenizer: str = ""              # empty: bytes (tiny presets); else a tokenizer file
+    frozen_dtype: str = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        if self.task not in ("scienceqa", "coco"):
+            raise ValueError(f"train.task must be scienceqa or coco, got {self.task!r}")
+        if self.preprocess not in ("clip", "squash"):
+            raise ValueError(f"train.preprocess must be clip or squash, got {self.preprocess!r}")
+        if self.frozen_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"train.frozen_dtype must be auto/float32/bfloat16/float16, got {self.frozen_dtype!r}")
+        if self.batch_size < 1 or self.micro_batch < 1 or self.epochs < 1:
+            raise ValueError("train.batch_size, train.micro_batch and train.epochs must be >= 1")
+
+
+@dataclass
 class Config:
     name: str
     vit: ViTConfig
     llama: LlamaConfig
     lsrm: LSRMConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         layers = self.vit.layers
@@ -129,7 +171,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         return cls(name=d["name"], vit=ViTConfig(**d["vit"]), llama=LlamaConfig(**d["llama"]),
-                   lsrm=LSRMConfig(**d["lsrm"]))
+                   lsrm=LSRMConfig(**d["lsrm"]), train=TrainConfig(**d.get("train", {})))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""Data: ScienceQA and COCO-Karpathy readers, prompts, image preprocessing, batching (method.md §8-§9).
+
+  read_scienceqa / read_coco   files -> list[Example] (prompt, target, image path, info for metrics),
+                               validated before anything trains: a bad file raises DataError, one
+                               line naming the file and the problem
+  load_image, preprocess_image image file / PIL image -> (3, S, S) tensor, CLIP's preprocessing or the
+                               released code's
+  VLDataset, collate           Examples -> token ids -> padded batches whose loss covers the answer only
+
+The same readers serve the real datasets and the committed toy ones in tiny_data/ (same layouts).
+"""
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """A dataset file is missing or wrong. The message is one line: '<file>: <problem>'."""
+
+
+@dataclass
+class Example:
+    id: str
+    prompt: str
+    target: str
+    image: Path | None
+    info: dict = field(default_factory=dict)   # ScienceQA: subject, grade, has_hint, has_image, answer, choices
+                                               # COCO: references (all raw captions)
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# ScienceQA (method.md §8)
+
+SUBJECTS = ("natural science", "social science", "language science")
+SCIENCEQA_FIELDS = ("question", "choices", "answer", "hint", "image", "grade", "subject", "split")
+
+
+def scienceqa_prompt(question: str, choices: list[str], context: str = "") -> str:
+    """The QCM->A prompt: question, context (hint, or "N/A"), lettered options."""
+    options = " ".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
+    return f"Question: {question}\nContext: {context or 'N/A'}\nOptions: {options}\nResponse:"
+
+
+def scienceqa_target(answer: int) -> str:
+    # The released code joins prompt and answer with no space ("Response:The answer is A."); we keep
+    # the space a reader (and a tokenizer's word boundaries) expects. Evaluation decodes after
+    # "...Response: The answer is" and reads the first capital letter (method.md §8).
+    return f" The answer is {string.ascii_uppercase[answer]}."
+
+
+def read_scienceqa(root: str | Path, split: str, captions: bool = False) -> list[Example]:
+    """problems.json + pid_splits.json (+ captions.json) -> the split's Examples, all checked first.
+
+    captions=True appends each image's caption to the context. The released code does this at
+    evaluation only (so the model meets captions it never trained with); here it is on for every
+    split or off for every split, so set it the same for training and evaluation.
+    """
+    root = Path(root)
+    problems_file, splits_file = root / "problems.json", root / "pid_splits.json"
+    problems, splits = _load_json(problems_file), _load_json(splits_file)
+    if not isinstance(problems, dict):
+        raise DataError(f"{problems_file}: expected an object {{pid: problem}}, got {type(problems).__name__}")
+    if not isinstance(splits, dict):
+        raise DataError(f"{splits_file}: expected an object {{split: [pids]}}, got {type(splits).__name__}")
+    if split not in splits:
+        raise DataError(f"{splits_file}: no split {split!r}; it has: {', '.join(splits)}")
+    caption_of = {}
+    if captions:
+        captions_file = root / "captions.json"
+        caption_of = _load_json(captions_file)
+        if not isinstance(caption_of, dict) or not isinstance(caption_of.get("captions"), dict):
+            raise DataError(f"{captions_file}: expected {{\"captions\": {{pid: text}}}}")
+        caption_of = caption_of["captions"]
+
+    examples = []
+    for pid in splits[split]:
+        pid = str(pid)
+        if pid not in problems:
+            raise DataError(f"{splits_file}: split {split!r} lists pid {pid!r}, which has no problem in {problems_file.name}")
+        p = _check_problem(problems[pid], pid, problems_file)
+        image = None
+        if p["image"]:
+            # images live under the problem's own split (a "trainval" pid may be a val image)
+            image = root / "images" / p["split"] / pid / p["image"]
+            if not image.is_file():
+                raise DataError(f"{image}: image of problem {pid!r} not found")
+        context = p["hint"].strip()
+        if captions and image is not None:
+            context = f"{context} {caption_of.get(pid, '')}".strip()
+        examples.append(Example(
+            id=pid, prompt=scienceqa_prompt(p["question"], p["choices"], context),
+            target=scienceqa_target(p["answer"]), image=image,
+            info=dict(subject=p["subject"], grade=p["grade"], has_hint=bool(p["hint"].strip()),
+                      has_image=image is not None, answer=p["answer"], choices=list(p["choices"]))))
+    return examples
+
+
+def _check_problem(p, pid: str, file: Path) -> dict:
+    where = f"{file}: problem {pid!r}"
+    if not isinstance(p, dict):
+        raise DataError(f"{where} is not an object")
+    for key in SCIENCEQA_FIELDS:
+        if key not in p:
+            raise DataError(f"{where} is missing field {key!r}")
+    choices = p["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where} has choices {choices!r}; expected a list of at least 2 strings")
+    if len(choices) > 26:
+        raise DataError(f"{where} has {len(choices)} choices; at most 26 can be lettered")
+    answer = p["answer"]
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        raise DataError(f"{where} has answer {answer!r}; expected an integer index")
+    if not 0 <= answer < len(choices):
+        raise DataError(f"{where} has answer {answer} outside its {len(choices)} choices")
+    if not isinstance(p["question"], str) or not isinstance(p["hint"], str):
+        raise DataError(f"{where} has a question or hint that is not a string")
+    if p["subject"] not in SUBJECTS:
+        raise DataError(f"{where} has subject {p['subject']!r}; expected one of: {', '.join(SUBJECTS)}")
+    grade = p["grade"]
+    if not (isinstance(grade, str) and grade.startswith("grade") and grade[5:].isdigit() and 1 <= int(grade[5:]) <= 12):
+        raise DataError(f"{where} has grade {grade!r}; expected 'grade1'..'grade12'")
+    if p["image"] is not None and not isinstance(p["image"], str):
+        raise DataError(f"{where} has image {p['image']!r}; expected a file name or null")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO Captions, Karpathy split (method.md §9)
+
+CAPTION_PROMPT = "Instruction: Summarize the visual content of the image.\nResponse:"
+COCO_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+def read_coco(root: str | Path, split: str) -> list[Example]:
+    """dataset_coco.json -> Examples. train (with restval): one per (image, caption);
+    val/test: one per image, target = first caption, every caption in info["references"]."""
+    root = Path(root)
+    file = root / "dataset_coco.json"
+    if split not in COCO_SPLITS:
+        raise DataError(f"{file}: no split {split!r}; choose one of: {', '.join(COCO_SPLITS)}")
+    data = _load_json(file)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{file}: expected an object with an \"images\" list")
+    examples = []
+    for i, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict):
+            raise DataError(f"{file}: images[{i}] is not an object")
+        for key in ("filepath", "filename", "split", "sentences"):
+            if key not in entry:
+                raise DataError(f"{file}: images[{i}] is missing field {key!r}")
+        if entry["split"] not in COCO_SPLITS[split]:
+            continue
+        image_id = str(entry.get("cocoid", entry.get("imgid", i)))
+        sentences = entry["sentences"]
+        if not isinstance(sentences, list) or not sentences:
+            raise DataError(f"{file}: image {image_id} has no sentences")
+        if not all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences):
+            raise DataError(f"{file}: image {image_id} has a sentence without a 'raw' caption")
+        image = root / entry["filepath"] / entry["filename"]
+        if not image.is_file():
+            raise DataError(f"{image}: image {image_id} not found")
+        refs = [s["raw"].strip() for s in sentences]
+        if split == "train":
+            examples += [Example(f"{image_id}-{k}", CAPTION_PROMPT, " " + r, image, dict(references=refs))
+                         for k, r in enumerate(refs)]
+        else:
+            examples.append(Example(image_id, CAPTION_PROMPT, " " + refs[0], image, dict(references=refs)))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Images (method.md §2, "Preprocessing")
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()                 # decode now: a truncated file fails here, not in a worker later
+            return img.convert("RGB")  # as CLIP does (grey, palette and RGBA files alike)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: not a readable image ({reason})") from None
+
+
+def load_image(path: str | Path, image_size: int, preprocess: str = "clip") -> torch.Tensor:
+    """Image file -> normalised (3, S, S) float tensor; DataError if missing or unreadable."""
+    return preprocess_image(_open(Path(path)), image_size, preprocess)
+
+
+def preprocess_image(img: Image.Image, image_size: int, preprocess: str = "clip") -> torch.Tensor:
+    """PIL image -> normalised (3, S, S) float tensor.
+
+    "clip":   stock CLIP: short side to S (bicubic), center crop S x S, CLIP's mean/std (the default).
+    "squash": the released code: S x S (bicubic, aspect ratio not kept), ImageNet mean/std.
+    """
+    img, S = img.convert("RGB"), image_size
+    if preprocess == "clip":
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        size = (S, int(S * long / short)) if w <= h else (int(S * long / short), S)   # as torchvision.Resize(S)
+        img = img.resize(size, Image.BICUBIC)
+        left, top = int(round((size[0] - S) / 2.0)), int(round((size[1] - S) / 2.0))  # as CenterCrop(S)
+        img = img.crop((left, top, left + S, top + S))
+        mean, std = CLIP_MEAN, CLIP_STD
+    elif preprocess == "squash":
+        img = img.resize((S, S), Image.BICUBIC)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        raise ValueError(f"preprocess must be 'clip' or 'squash', got {preprocess!r}")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)   # (3, S, S) in [0, 1]
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def check_images(examples: list[Example]) -> None:
+    """Decode every image once (DataError on the first bad one), so training never starts on bad data."""
+    for path in dict.fromkeys(e.image for e in examples if e.image is not None):
+        _open(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and batches (method.md §7: loss on the answer tokens only, batch trimmed)
+
+class VLDataset(torch.utils.data.Dataset):
+    """Examples -> dict(tokens, n_prompt, image, has_image); images are preprocessed once and cached."""
+
+    def __init__(self, examples: list[Example], tokenizer, image_size: int, preprocess: str = "clip",
+                 max_len: int = 512):
+        self.examples, self.tok = examples, tokenizer
+        self.image_size, self.preprocess, self.max_len = image_size, preprocess, max_len
+        self.cache: dict[Path, torch.Tensor] = {}
+
+    def __len__(self):
+        return len(self.examples)
+
+    def image(self, path: Path | None) -> torch.Tensor:
+        if path is None:
+            return torch.zeros(3, self.image_size, self.image_size)
+        if path not in self.cache:
+            self.cache[path] = load_image(path, self.image_size, self.preprocess)
+        return self.cache[path]
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        prompt, target = self.tok.encode(ex.prompt), self.tok.encode(ex.target) + [self.tok.eos_id]
+        room = self.max_len - 1 - len(target)          # what is left for the prompt after BOS and the answer
+        if room < 0:
+            raise ValueError(f"example {ex.id}: its target alone ({len(target)} tokens) exceeds max_len={self.max_len}")
+        prompt = prompt[len(prompt) - room:] if len(prompt) > room else prompt   # drop the prompt's start
+        return dict(tokens=[self.tok.bos_id] + prompt + target, n_prompt=1 + len(prompt),
+                    image=self.image(ex.image), has_image=float(ex.image is not None))
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad to a batch. targets[b, t] = tokens[b, t+1] where t+1 is an answer or EOS position,
+    else -100 (ignored by cross_entropy); T is cut after the last supervised position."""
+    B, T = len(items), max(len(it["tokens"]) for it in items) - 1   # the final EOS is a target, never an input
+    tokens = torch.full((B, T + 1), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    for b, it in enumerate(items):
+        seq = torch.tensor(it["tokens"], dtype=torch.long)
+        tokens[b, :len(seq)] = seq
+        targets[b, it["n_prompt"] - 1:len(seq) - 1] = seq[it["n_prompt"]:]   # predict answer + EOS
+    return dict(tokens=tokens[:, :T], targets=targets,                       # (B, T), (B, T)
+                images=torch.stack([it["image"] for it in items]),           # (B, 3, S, S)
+                has_image=torch.tensor([it["has_image"] for it in items]))   # (B,)

@@ -1,0 +1,254 @@
+"""Evaluation metrics: ScienceQA accuracy by category (method.md §8) and COCO-caption BLEU / CIDEr-D (§9).
+
+ScienceQA: the model greedily continues "...Response: The answer is"; `parse_answer` reads the letter,
+`scienceqa_metrics` scores it in the paper's Table-1 columns NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg.
+
+Captions: `bleu` and `cider_d` reproduce pycocoevalcap's `Bleu(4)` and `Cider()` (the numbers every
+captioning paper reports) on whitespace-tokenised strings; tests/test_metrics.py checks the agreement.
+coco-caption first runs Stanford's PTBTokenizer, which needs Java, so `tokenize` is a pure-Python
+approximation of it; both implementations are then fed the same tokenised strings.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# ScienceQA (method.md §8)
+
+COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")   # paper Table 1 order
+SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+
+
+def parse_answer(text: str, n_choices: int) -> int | None:
+    """The option index named by the greedy continuation of "...Response: The answer is".
+
+    The first capital ASCII letter anywhere in `text` is the answer (A -> 0, B -> 1, ...); no capital
+    letter, or a letter past the last option, gives None, which is scored as wrong:
+        " A."  -> 0      " C" (2 choices) -> None      "" -> None      " b" -> None
+        " I think B" -> None (the first capital is "I", out of range for fewer than 9 options)
+    """
+    m = re.search(r"[A-Z]", text)
+    if m is None:
+        return None
+    i = ord(m.group()) - ord("A")
+    return i if i < n_choices else None
+
+
+def _field(record, key):
+    return record[key] if isinstance(record, Mapping) else getattr(record, key)
+
+
+def _columns_of(record) -> list[str]:
+    """The Table-1 columns a test item counts in (TXT and IMG overlap; NO is neither)."""
+    subject = _field(record, "subject")
+    if subject not in SUBJECTS:
+        raise ValueError(f"unknown subject {subject!r}; expected one of {sorted(SUBJECTS)}")
+    grade = _field(record, "grade")
+    g = int(grade.removeprefix("grade")) if re.fullmatch(r"grade\d+", grade) else 0
+    if not 1 <= g <= 12:
+        raise ValueError(f"grade {grade!r} is not grade1..grade12")
+    hint, image = bool(_field(record, "has_hint")), bool(_field(record, "has_image"))
+    cols = [SUBJECTS[subject]]
+    cols += ["TXT"] * hint + ["IMG"] * image + ["NO"] * (not hint and not image)
+    cols += ["G1-6" if g <= 6 else "G7-12", "Avg"]
+    return cols
+
+
+def scienceqa_metrics(records) -> dict:
+    """Accuracy in percent per column, e.g. {"NAT": 91.5, ..., "Avg": 92.0, "counts": {"NAT": 2200, ...}}.
+
+    Each record (dict or object) has correct, subject, has_hint, has_image, grade. A column with no
+    items has accuracy None (tiny evaluation sets often miss a whole subject or grade band).
+    """
+    n, right = Counter(), Counter()
+    for r in records:
+        for c in _columns_of(r):
+            n[c] += 1
+            right[c] += bool(_field(r, "correct"))
+    out: dict = {c: 100.0 * right[c] / n[c] if n[c] else None for c in COLUMNS}
+    out["counts"] = {c: n[c] for c in COLUMNS}
+    return out
+
+
+def _cell(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def format_table(metrics: dict, title: str | None = None) -> str:
+    """Fixed-width text table in the paper's column order: accuracies (two decimals) and item counts."""
+    lines = [title] if title else []
+    lines.append(" " * 5 + "".join(f"{c:>8}" for c in COLUMNS))
+    lines.append("acc  " + "".join(f"{_cell(metrics[c]):>8}" for c in COLUMNS))
+    if "counts" in metrics:
+        lines.append("n    " + "".join(f"{metrics['counts'][c]:>8}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """{method name: scienceqa_metrics(...)} as a Markdown table (README, tutorial)."""
+    lines = ["| Method | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption tokenisation (coco-caption's PTBTokenizer, approximated)
+
+# pycocoevalcap/tokenizer/ptbtokenizer.py drops these tokens after `PTBTokenizer -lowerCase`. The list
+# is upper case, so the lower-cased bracket tokens -lrb- -rrb- ... survive; we reproduce that quirk.
+PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_CHARS = str.maketrans({**{k: f" {v} " for k, v in _BRACKETS.items()}, '"': " ", "`": " "})
+_ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "vs.", "etc.", "inc.", "co.", "ltd."}
+_ACRONYM = re.compile(r"([A-Za-z]\.)+")                            # u.s. p.m. a. keep their period
+_CLITICS = re.compile(r"(?<=\w)(n't|'s|'m|'re|'ve|'ll|'d)(?=\W|$)", re.I)    # do n't, man 's
+_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na"}
+
+
+def _word(tok: str) -> str:
+    """PTB's treatment of one whitespace-separated piece (case as written), as space-separated tokens."""
+    if tok in _BRACKETS.values() or tok.lower() in ("'s", "'m", "'re", "'ve", "'ll", "'d"):
+        return tok
+    tok = tok.strip("-")                                            # "-word", "word-", a lone "-"
+    if tok.endswith(".") and tok.lower() not in _ABBREVIATIONS and not _ACRONYM.fullmatch(tok):
+        tok = tok[:-1]                                              # sentence-final period
+    tok = tok.rstrip("'")                                           # dogs' -> dogs, closing quote
+    if not re.match(r"'\d", tok):                                   # opening quote, but '80s stays
+        tok = tok.lstrip("'")
+    tok = _SPLIT_WORDS.get(tok.lower(), tok)
+    return _CLITICS.sub(r" \1", tok)
+
+
+def tokenize(caption: str) -> str:
+    """Lower-cased PTB tokens joined by spaces, punctuation dropped as coco-caption does.
+
+        "A man's dog, running." -> "a man 's dog running"      "Don't stop!" -> "do n't stop"
+        "1,000 people at 3:30 p.m." -> "1,000 people at 3:30 p.m."
+
+    Checked against the real PTBTokenizer on caption-like text (tests/test_metrics.py, when Java is
+    present). Known differences, all rare in captions: abbreviations beyond a short list ("no. 5"), a
+    single letter's period (PTB keeps or splits it by context: "a. on", "a." at the end, "A. The"),
+    "'cause" / "'til" / "rock'n'roll" / "y'all", "5 1/2" (one token for PTB), currency normalisation
+    (€ -> $), symbols other than the ones split below, pieces glued without spaces ("dog.it's").
+    """
+    s = caption.replace("\n", " ").translate(_CHARS)              # brackets -> -lrb- ..., drop " `
+    s = re.sub(r"\.{2,}", ". ", s)                                  # "wait...what", "U.S.." -> "U.S."
+    s = re.sub(r"--+|;", " ", s)                                    # dashes, semicolons
+    s = re.sub(r"(?<!\d)[,:]|[,:](?!\d)", " ", s)                   # commas/colons, not 1,000 or 3:30
+    s = re.sub(r"([?!]+|[$%&+#=*^~|<>°])", r" \1 ", s)              # "?" alone is dropped, "??" is kept
+    words = " ".join(_word(t) for t in s.split()).lower().split()
+    return " ".join(w for w in words if w not in PUNCTUATIONS)     # PTB's -lowerCase also comes last
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEU and CIDEr-D on tokenised strings, as pycocoevalcap computes them
+
+def _check(refs: dict, hyps: dict):
+    if refs.keys() != hyps.keys():
+        raise ValueError(f"refs and hyps cover different images: {len(refs.keys() ^ hyps.keys())} "
+                         f"ids in only one of them, e.g. {next(iter(refs.keys() ^ hyps.keys()))!r}")
+    empty = [i for i, r in refs.items() if not r]
+    if empty:
+        raise ValueError(f"no reference captions for image {empty[0]!r}")
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    """Counts of all k-grams, k = 1..n, as tuples."""
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def bleu(refs: dict[object, list[str]], hyps: dict[object, str], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n as pycocoevalcap's BleuScorer with option "closest" (Papineni et al. 2002).
+
+        p_k    = (sum_i clip_k(i) + tiny) / (sum_i guess_k(i) + small)  clip: hyp k-gram count capped by
+                                                                          its max count in one reference
+        BLEU-k = BP * (p_1 ... p_k)^(1/k)
+        BP     = exp(1 - r/c) if c < r else 1                            c = sum of hypothesis lengths,
+                                                                          r = sum of closest ref lengths
+    tiny = 1e-15, small = 1e-9 keep 0/0 at 0; c/r is computed as (c + tiny) / (r + small) as there.
+    """
+    _check(refs, hyps)
+    tiny, small = 1e-15, 1e-9
+    clipped, guess = [0] * n, [0] * n
+    c = r = 0
+    for i, ref_list in refs.items():
+        h = hyps[i].split()
+        rs = [x.split() for x in ref_list]
+        max_ref = Counter()
+        for x in rs:
+            max_ref |= _ngrams(x, n)                                # | is the element-wise max
+        for g, count in _ngrams(h, n).items():
+            clipped[len(g) - 1] += min(count, max_ref[g])
+        for k in range(n):
+            guess[k] += max(0, len(h) - k)
+        c += len(h)
+        r += min((abs(len(x) - len(h)), len(x)) for x in rs)[1]    # closest length, ties -> shorter
+    scores, prod = [], 1.0
+    for k in range(n):
+        prod *= (clipped[k] + tiny) / (guess[k] + small)
+        scores.append(prod ** (1 / (k + 1)))
+    ratio = (c + tiny) / (r + small)
+    bp = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    return [s * bp for s in scores]
+
+
+def cider_d(refs: dict[object, list[str]], hyps: dict[object, str], n: int = 4, sigma: float = 6.0):
+    """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap's CiderScorer: (corpus score, per-image scores).
+
+    For each k-gram order k = 1..n, a caption becomes a tf-idf vector over its k-grams g:
+        w(g)   = tf(g) * (log N - log max(1, df(g)))       N = number of images evaluated,
+                                                           df(g) = images whose references contain g
+    and, for image i with hypothesis h and references r_1..r_m:
+        sim_k(h, r) = sum_g min(w_h(g), w_r(g)) * w_r(g) / (|w_h| |w_r|)      clipped cosine
+                      * exp(-(l_h - l_r)^2 / (2 sigma^2))                    gaussian length penalty
+        CIDEr-D(i)  = 10 / m * sum_j mean_k sim_k(h, r_j)
+    The corpus score is the mean over images. The IDF comes from the references of the evaluated images
+    only, so the score of one image depends on the others.
+    """
+    _check(refs, hyps)
+    ref_counts = {i: [_ngrams(x.split(), n) for x in rs] for i, rs in refs.items()}
+    df = Counter(g for counts in ref_counts.values() for g in set().union(*counts))
+    log_n = math.log(len(refs))
+
+    def vectors(counts: Counter):
+        vec = [{} for _ in range(n)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        # pycocoevalcap's "length" counts bigrams (its `n == 1` tests the 0-based order), i.e. words - 1
+        # for a non-empty caption; this only matters against an empty caption, and we keep it.
+        length = sum(tf for g, tf in counts.items() if len(g) == 2)
+        return vec, norms, length
+
+    per_image = []
+    for i, counts_list in ref_counts.items():
+        vh, nh, lh = vectors(_ngrams(hyps[i].split(), n))
+        total = np.zeros(n)
+        for counts in counts_list:
+            vr, nr, lr = vectors(counts)
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                dot = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+                if nh[k] != 0 and nr[k] != 0:
+                    dot /= nh[k] * nr[k]
+                total[k] += dot * penalty
+        per_image.append(10.0 * total.mean() / len(counts_list))
+    per_image = np.array(per_image)
+    return float(per_image.mean()), per_image
+
+
+def caption_metrics(refs: dict[object, list[str]], hyps: dict[object, str]) -> dict[str, float]:
+    """BLEU-1..4 and CIDEr on raw captions (tokenised here), ×100 as papers report them: the paper's
+    CIDEr 123.9 (method.md §9) is pycocoevalcap's 1.239."""
+    refs_t = {i: [tokenize(x) for x in rs] for i, rs in refs.items()}
+    hyps_t = {i: tokenize(h) for i, h in hyps.items()}
+    out = {f"BLEU-{k + 1}": 100 * b for k, b in enumerate(bleu(refs_t, hyps_t))}
+    out["CIDEr"] = 100 * cider_d(refs_t, hyps_t)[0]
+    return out

@@ -1,0 +1,143 @@
+"""Pretraining the tiny backbones, so that they know something before PEFT, as CLIP and LLaMA do.
+
+- ViT: a classification-style objective (which objects — colour x shape — are in the picture, from the
+  pooled CLS token), as CLIP's contrastive objective is classification-like. This is the paper's
+  motivation: the final layer learns *what* is there and need not keep *where*; relationships must be
+  recovered from intermediate layers (multilevel fusion).
+- Decoder: a byte-level language model on toy text from the same world (scene descriptions with
+  questions answered from them, text-only and hint questions in the fine-tuning prompt format), drawn
+  with a different seed than tiny_data, as LLaMA has read text like ScienceQA's before.
+
+Both are deterministic and cached under runs/cache/ keyed by a hash of everything they depend on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config, LlamaConfig, ViTConfig
+from .data import preprocess_image
+from .llama import Transformer
+from .tokenizer import ByteTokenizer
+from .vit import VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
+
+VIT_RECIPE = dict(seed=1234, pool=6000, steps=700, batch=64, lr=2e-3, weight_decay=0.05)
+LM_RECIPE = dict(seed=4321, docs=20000, steps=1000, batch=32, seq_len=256, lr=3e-3, weight_decay=0.1)
+
+
+def _world():
+    """The toy world's generator (tiny_data/make_tiny_data.py), imported by path."""
+    import importlib.util
+    import sys
+    if "make_tiny_data" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_tiny_data", GENERATOR)
+        sys.modules["make_tiny_data"] = importlib.util.module_from_spec(spec)   # dataclasses need it registered
+        spec.loader.exec_module(sys.modules["make_tiny_data"])
+    return sys.modules["make_tiny_data"]
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print) -> dict[str, torch.Tensor]:
+    """Multi-label classification of the objects in toy scenes, from ln_post(CLS) @ proj."""
+    r = VIT_RECIPE
+    world = _world()
+    rng = random.Random(r["seed"])
+    scenes = [world.draw_scene(rng) for _ in range(r["pool"])]
+    classes = sorted({(o["colour"], o["shape"]) for _, objs in scenes for o in objs})
+    index = {c: i for i, c in enumerate(classes)}
+    images = torch.stack([preprocess_image(img, cfg.image_size, preprocess) for img, _ in scenes])
+    labels = torch.zeros(len(scenes), len(classes))
+    for n, (_, objs) in enumerate(scenes):
+        for o in objs:
+            labels[n, index[(o["colour"], o["shape"])]] = 1.0
+
+    torch.manual_seed(r["seed"])
+    vit = VisionTransformer(dataclasses.replace(cfg, adapters=False))
+    head = nn.Linear(cfg.output_dim, len(classes))
+    params = list(vit.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(r["seed"])
+    last = cfg.layers - 1
+    t0 = time.time()
+    for step in range(r["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, r["steps"], r["lr"], r["steps"] // 10)
+        idx = torch.randint(len(scenes), (r["batch"],), generator=g)
+        cls = vit.ln_post(vit(images[idx], [last])[0][:, 0]) @ vit.proj           # (B, output_dim)
+        loss = F.binary_cross_entropy_with_logits(head(cls), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            with torch.no_grad():
+                acc = ((head(cls) > 0).float() == labels[idx]).all(-1).float().mean().item()
+            log(f"pretrain ViT  step {step + 1}/{r['steps']} | loss {loss.item():.4f} | "
+                f"exact-set accuracy {acc:.2f} | {time.time() - t0:.0f}s")
+    return vit.state_dict()
+
+
+def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Tensor]:
+    """A byte-level language model on the toy corpus (random windows of the concatenated documents)."""
+    r = LM_RECIPE
+    tok = ByteTokenizer()
+    docs = _world().text_corpus(r["seed"], r["docs"])
+    stream = torch.tensor([i for d in docs for i in tok.encode(d, bos=True, eos=True)])
+    torch.manual_seed(r["seed"])
+    lm = Transformer(cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(r["seed"])
+    L = r["seq_len"]
+    t0 = time.time()
+    for step in range(r["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, r["steps"], r["lr"], r["steps"] // 10)
+        starts = torch.randint(len(stream) - L - 1, (r["batch"],), generator=g)
+        chunk = torch.stack([stream[s:s + L + 1] for s in starts.tolist()])         # (B, L + 1)
+        logits = lm(chunk[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0:
+            log(f"pretrain LM   step {step + 1}/{r['steps']} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    return lm.state_dict()
+
+
+def cache_key(cfg: Config) -> str:
+    vit = {k: v for k, v in dataclasses.asdict(cfg.vit).items() if not k.startswith("adapter")}
+    blob = json.dumps([vit, dataclasses.asdict(cfg.llama), VIT_RECIPE, LM_RECIPE, cfg.train.preprocess,
+                       hashlib.sha256(GENERATOR.read_bytes()).hexdigest(), torch.__version__], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_backbones(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache",
+                         log: Callable = print) -> dict[str, torch.Tensor]:
+    """{'visual.*', 'llama.*'} tensors of the tiny backbones, pretrained once and cached."""
+    from .train import atomic_save
+    path = Path(cache_dir) / f"backbones-{cfg.name}-{cache_key(cfg)}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    log(f"pretraining the tiny backbones (once; cached in {path})")
+    state = {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess, log).items()}
+    state.update({f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, log).items()})
+    atomic_save(state, path)
+    return state

@@ -1,0 +1,368 @@
+"""The toy datasets and their readers (method.md §7-§9): determinism, layout, balance, prompts, batching,
+image preprocessing, and one loud, one-line DataError per kind of bad input."""
+import collections
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL
+import pytest
+import torch
+from PIL import Image
+
+from model.data import (CAPTION_PROMPT, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, DataError, VLDataset,
+                        check_images, collate, load_image, read_coco, read_scienceqa)
+from model.tokenizer import ByteTokenizer
+from tiny_data import draw_scene, text_corpus
+from tiny_data import make_tiny_data as gen
+
+ROOT = Path(__file__).resolve().parents[1]
+SQA, COCO = ROOT / "tiny_data" / "scienceqa", ROOT / "tiny_data" / "coco"
+COMMITTED_WITH_PILLOW = "13.0.0"       # PNG bytes depend on the deflate library Pillow ships with
+TOK = ByteTokenizer()
+
+
+def files(root: Path) -> dict[str, Path]:
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as img:
+        return img.mode.encode() + bytes(img.size) + img.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+
+def test_generator_is_deterministic(tmp_path):
+    for out in ("a", "b"):
+        gen.make_scienceqa(tmp_path / out / "scienceqa", {"train": 30, "val": 10, "test": 20})
+        gen.make_coco(tmp_path / out / "coco", {"train": 6, "restval": 2, "val": 2, "test": 3})
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) > 40
+    assert all(a[k].read_bytes() == b[k].read_bytes() for k in a)
+    assert text_corpus(7, 50) == text_corpus(7, 50) != text_corpus(8, 50)
+    img1, objs1 = draw_scene(random.Random(3))
+    img2, objs2 = draw_scene(random.Random(3))
+    assert objs1 == objs2 and img1.tobytes() == img2.tobytes()
+
+
+def test_committed_files_equal_a_regeneration(tmp_path):
+    gen.main(tmp_path)
+    for name in ("scienceqa", "coco"):
+        new, old = files(tmp_path / name), files(ROOT / "tiny_data" / name)
+        assert new.keys() == old.keys(), f"{name}: files differ; rerun python tiny_data/make_tiny_data.py"
+        for k in new:
+            if k.endswith(".json"):
+                assert new[k].read_bytes() == old[k].read_bytes(), f"{name}/{k} differs from a regeneration"
+            else:
+                assert pixels(new[k]) == pixels(old[k]), f"{name}/{k}: pixels differ from a regeneration"
+                if PIL.__version__ == COMMITTED_WITH_PILLOW:
+                    assert new[k].read_bytes() == old[k].read_bytes(), f"{name}/{k}: bytes differ"
+
+
+def test_scenes_are_visible_and_unambiguous():
+    rng = random.Random(0)
+    for _ in range(200):
+        img, objects = draw_scene(rng)
+        small = np.asarray(img.resize((32, 32), Image.BICUBIC), dtype=float)
+        assert 2 <= len(objects) <= 4 and img.size == (64, 64) and img.mode == "RGB"
+        assert len({(o["colour"], o["shape"]) for o in objects}) == len(objects)      # "the red circle" is unique
+        for o in objects:
+            colour = np.array(gen.COLOURS[o["colour"]], dtype=float)
+            assert img.getpixel((o["x"], o["y"])) == gen.COLOURS[o["colour"]]
+            assert 14 <= o["size"] <= 18
+            # still there at the ViT's 32 px: nearer its own colour than the background's
+            seen = small[o["y"] // 2, o["x"] // 2]
+            assert np.abs(seen - colour).sum() < np.abs(seen - np.array(gen.BACKGROUND)).sum()
+        for a in objects:              # boxes never touch
+            for b in objects:
+                if a is not b:
+                    ha, hb = a["size"] / 2, b["size"] / 2
+                    assert abs(a["x"] - b["x"]) >= ha + hb or abs(a["y"] - b["y"]) >= ha + hb
+
+
+def test_text_corpus_uses_the_fine_tuning_format():
+    docs = text_corpus(11, 300)
+    questions = [d for d in docs if d.startswith("Question: ")]
+    assert 150 < len(questions) < 300 and len(set(docs)) > 250
+    for d in questions:
+        prompt, answer = d.split("\nResponse:")
+        assert "\nContext: " in prompt and "\nOptions: (A) " in prompt
+        letter = answer.removeprefix(" The answer is ").removesuffix(".")
+        assert answer == f" The answer is {letter}." and f"({letter}) " in prompt
+    # pictures in words: their context describes the scene
+    assert any("The picture shows" in d and d.startswith("Question: ") for d in docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed data
+
+@pytest.fixture(scope="module")
+def sqa():
+    return {s: read_scienceqa(SQA, s) for s in ("train", "val", "test", "trainval", "minival", "minitest")}
+
+
+def test_committed_scienceqa_reads_cleanly(sqa):
+    splits = json.loads((SQA / "pid_splits.json").read_text())
+    assert {s: len(e) for s, e in sqa.items()} == {s: len(splits[s]) for s in sqa}
+    assert (len(sqa["train"]), len(sqa["val"]), len(sqa["test"])) == (2400, 400, 800)
+    assert not {e.id for e in sqa["train"]} & {e.id for e in sqa["test"]}
+    check_images(sqa["test"])                               # every test picture decodes
+    share = sum(e.image is not None for e in sqa["train"]) / len(sqa["train"])
+    assert 0.55 <= share <= 0.65
+
+
+def test_committed_coco_reads_cleanly():
+    train, val, test = (read_coco(COCO, s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == ((450 + 150) * 5, 100, 150)   # restval joins train
+    for e in val + test:
+        assert e.prompt == CAPTION_PROMPT and len(e.info["references"]) == 5
+        assert len(set(e.info["references"])) == 5 and e.target == " " + e.info["references"][0]
+    assert {e.image for e in train}.isdisjoint({e.image for e in test})
+    check_images(test)
+
+
+def test_every_metric_column_has_40_test_items(sqa):
+    columns = collections.Counter()
+    for e in sqa["test"]:
+        i = e.info
+        columns[{"natural science": "NAT", "social science": "SOC", "language science": "LAN"}[i["subject"]]] += 1
+        columns["TXT"] += i["has_hint"]
+        columns["IMG"] += i["has_image"]
+        columns["NO"] += not i["has_hint"] and not i["has_image"]
+        columns["G1-6" if int(i["grade"][5:]) <= 6 else "G7-12"] += 1
+    for col in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"):
+        assert columns[col] >= 40, (col, columns)
+    assert columns["TXT"] + columns["IMG"] + columns["NO"] > len(sqa["test"])       # IMG and TXT overlap
+
+
+def test_answers_are_balanced(sqa):
+    problems = json.loads((SQA / "problems.json").read_text())
+    for split in ("train", "test"):
+        letters = collections.defaultdict(collections.Counter)
+        for e in sqa[split]:
+            letters[len(e.info["choices"])][e.info["answer"]] += 1
+        for k, counts in letters.items():                  # each letter within 5% of 1/k
+            assert max(counts.values()) <= 1.05 * sum(counts.values()) / k + 1, (split, k, counts)
+    # within a category with few distinct answers (yes/no, 0-3, colours, directions), all equally often
+    by_category = collections.defaultdict(collections.Counter)
+    for p in problems.values():
+        by_category[p["category"]][p["choices"][p["answer"]]] += 1
+    for cat, counts in by_category.items():
+        if len(counts) <= 4:
+            assert max(counts.values()) <= 1.1 * min(counts.values()), (cat, counts)
+    # a blind guesser that knows which choice texts won most often in training is no better than chance
+    won = collections.defaultdict(lambda: [1, 2])
+    for e in sqa["train"]:
+        for i, c in enumerate(e.info["choices"]):
+            won[c][0] += i == e.info["answer"]
+            won[c][1] += 1
+    pictures = [e for e in sqa["test"] if e.image is not None]
+    blind = np.mean([max(range(len(e.info["choices"])), key=lambda i: won[e.info["choices"][i]][0] /
+                         won[e.info["choices"][i]][1]) == e.info["answer"] for e in pictures])
+    chance = np.mean([1 / len(e.info["choices"]) for e in pictures])
+    assert blind < chance + 0.05, (blind, chance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts, tokens, batches
+
+def test_prompt_and_target(sqa):
+    problems = json.loads((SQA / "problems.json").read_text())
+    for e in sqa["test"][:50]:
+        p = problems[e.id]
+        options = " ".join(f"({'ABCDE'[i]}) {c}" for i, c in enumerate(p["choices"]))
+        assert e.prompt == f"Question: {p['question']}\nContext: {p['hint'] or 'N/A'}\nOptions: {options}\nResponse:"
+        assert e.target == f" The answer is {'ABCDE'[p['answer']]}."
+        assert e.info["has_image"] == (p["image"] is not None) == (e.image is not None)
+    with_captions = {e.id: e for e in read_scienceqa(SQA, "test", captions=True)}
+    captions = json.loads((SQA / "captions.json").read_text())["captions"]
+    e = next(e for e in sqa["test"] if e.image is not None and not e.info["has_hint"])
+    assert f"Context: {captions[e.id]}\n" in with_captions[e.id].prompt
+
+
+def test_dataset_items_and_left_truncation(sqa):
+    ex = sqa["test"][:8]
+    item = VLDataset(ex, TOK, 32)[0]
+    prompt, target = TOK.encode(ex[0].prompt), TOK.encode(ex[0].target)
+    assert item["tokens"] == [TOK.bos_id] + prompt + target + [TOK.eos_id]
+    assert item["n_prompt"] == 1 + len(prompt)
+    short = VLDataset(ex, TOK, 32, max_len=40)[0]
+    assert len(short["tokens"]) == 40 and short["tokens"][0] == TOK.bos_id
+    assert short["tokens"][short["n_prompt"]:] == target + [TOK.eos_id]          # the answer survives
+    assert short["tokens"][1:short["n_prompt"]] == prompt[-(short["n_prompt"] - 1):]   # the prompt's end survives
+    ds = VLDataset(ex, TOK, 32)
+    for i, e in enumerate(ex):
+        it = ds[i]
+        assert it["image"].shape == (3, 32, 32) and it["has_image"] == float(e.image is not None)
+        if e.image is None:
+            assert not it["image"].any()
+    if any(e.image is not None for e in ex):
+        i = next(i for i, e in enumerate(ex) if e.image is not None)
+        assert ds[i]["image"] is ds[i]["image"]                   # cached after the first access
+
+
+def test_collate_supervises_only_the_answer(sqa):
+    ex = sqa["test"][:6]
+    ds = VLDataset(ex, TOK, 32)
+    items = [ds[i] for i in range(len(ex))]
+    b = collate(items, TOK.pad_id)
+    longest = max(len(it["tokens"]) for it in items)
+    assert b["tokens"].shape == b["targets"].shape == (6, longest - 1)
+    assert b["images"].shape == (6, 3, 32, 32) and b["has_image"].tolist() == [it["has_image"] for it in items]
+    for row, (it, e) in enumerate(zip(items, ex)):
+        seq, n = it["tokens"], it["n_prompt"]
+        tgt = b["targets"][row]
+        kept = tgt[tgt != -100].tolist()
+        assert kept == TOK.encode(e.target) + [TOK.eos_id]                      # answer + EOS, nothing else
+        assert (tgt[:n - 1] == -100).all() and (tgt[len(seq) - 1:] == -100).all()
+        assert tgt[n - 1].item() == seq[n]                                      # position t predicts t+1
+        assert b["tokens"][row].tolist() == (seq + [TOK.pad_id] * longest)[:longest - 1]   # right-padded
+    assert (b["targets"][:, -1] != -100).any()                                  # trimmed: last column is used
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+def test_load_image_both_preprocessings(tmp_path):
+    # 60x30: a 30x30 red centre between two blue bands
+    img = Image.new("RGB", (60, 30), (0, 0, 255))
+    img.paste((255, 0, 0), (15, 0, 45, 30))
+    img.save(tmp_path / "x.png")
+    clip = load_image(tmp_path / "x.png", 30, "clip")              # short side already 30: crop only
+    red = (torch.tensor([1.0, 0, 0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert clip.shape == (3, 30, 30) and clip.dtype == torch.float32
+    torch.testing.assert_close(clip, red.view(3, 1, 1).expand(3, 30, 30))
+    squash = load_image(tmp_path / "x.png", 30, "squash")          # the whole image, blue bands included
+    blue = (torch.tensor([0, 0, 1.0]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert squash.shape == (3, 30, 30)
+    torch.testing.assert_close(squash[:, :, 0], blue.view(3, 1).expand(3, 30), atol=0.05, rtol=0)
+    torch.testing.assert_close(squash[:, :, 15], ((torch.tensor([1.0, 0, 0]) - torch.tensor(IMAGENET_MEAN)) /
+                                                  torch.tensor(IMAGENET_STD)).view(3, 1).expand(3, 30))
+    # a committed picture at the tiny ViT's size
+    path = next(SQA.glob("images/test/*/image.png"))
+    for mode in ("clip", "squash"):
+        x = load_image(path, 32, mode)
+        assert x.shape == (3, 32, 32) and x.isfinite().all()
+    with pytest.raises(ValueError, match="preprocess"):
+        load_image(path, 32, "crop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: each one a DataError, one line, naming the file and the problem
+
+def scienceqa_slice(tmp_path: Path, n: int = 6) -> tuple[Path, dict, dict]:
+    """A tmp copy of the first n test problems (images included)."""
+    problems = json.loads((SQA / "problems.json").read_text())
+    pids = json.loads((SQA / "pid_splits.json").read_text())["test"][:n]
+    root = tmp_path / "sqa"
+    for pid in pids:
+        if problems[pid]["image"]:
+            shutil.copytree(SQA / "images" / "test" / pid, root / "images" / "test" / pid)
+    root.mkdir(exist_ok=True)
+    small = {pid: problems[pid] for pid in pids}
+    splits = {"test": pids}
+    write(root, small, splits)
+    return root, small, splits
+
+
+def write(root: Path, problems: dict, splits: dict):
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps(splits))
+
+
+def raises(fn, *needles) -> str:
+    with pytest.raises(DataError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert str(needle) in msg, (needle, msg)
+    return msg
+
+
+def test_slice_reads(tmp_path):
+    root, problems, _ = scienceqa_slice(tmp_path)
+    assert [e.id for e in read_scienceqa(root, "test")] == list(problems)
+
+
+def test_missing_image_file(tmp_path):
+    root, problems, _ = scienceqa_slice(tmp_path)
+    pid = next(p for p in problems if problems[p]["image"])
+    (root / "images" / "test" / pid / "image.png").unlink()
+    raises(lambda: read_scienceqa(root, "test"), f"images/test/{pid}/image.png", "not found")
+
+
+def test_corrupt_image(tmp_path):
+    root, problems, _ = scienceqa_slice(tmp_path)
+    pid = next(p for p in problems if problems[p]["image"])
+    path = root / "images" / "test" / pid / "image.png"
+    path.write_bytes(b"this is not a png" * 10)
+    examples = read_scienceqa(root, "test")          # the reader only checks existence ...
+    raises(lambda: check_images(examples), path, "not a readable image")
+    raises(lambda: load_image(path, 32), path, "not a readable image")
+    good = (SQA / "images" / "test" / pid / "image.png").read_bytes()
+    path.write_bytes(good[:len(good) // 2])          # ... a truncated PNG fails when decoded too
+    raises(lambda: VLDataset(examples, TOK, 32)[[e.id for e in examples].index(pid)], path, "not a readable image")
+
+
+def test_problem_missing_a_field(tmp_path):
+    root, problems, splits = scienceqa_slice(tmp_path)
+    pid = next(iter(problems))
+    del problems[pid]["choices"]
+    write(root, problems, splits)
+    raises(lambda: read_scienceqa(root, "test"), "problems.json", f"problem '{pid}'", "missing field 'choices'")
+
+
+def test_answer_outside_choices(tmp_path):
+    root, problems, splits = scienceqa_slice(tmp_path)
+    pid = next(iter(problems))
+    problems[pid]["answer"] = 5
+    write(root, problems, splits)
+    msg = raises(lambda: read_scienceqa(root, "test"), "problems.json", f"problem '{pid}'")
+    assert msg.endswith(f"has answer 5 outside its {len(problems[pid]['choices'])} choices")
+
+
+def test_pid_without_problem(tmp_path):
+    root, problems, splits = scienceqa_slice(tmp_path)
+    splits["test"].append("99999")
+    write(root, problems, splits)
+    raises(lambda: read_scienceqa(root, "test"), "pid_splits.json", "'99999'", "has no problem")
+
+
+def test_invalid_json(tmp_path):
+    root, _, _ = scienceqa_slice(tmp_path)
+    (root / "problems.json").write_text('{"1": {"question": "Why?",}')
+    raises(lambda: read_scienceqa(root, "test"), "problems.json", "invalid JSON", "line 1")
+    (root / "problems.json").unlink()
+    raises(lambda: read_scienceqa(root, "test"), "problems.json", "file not found")
+
+
+def test_unknown_split(tmp_path):
+    root, _, _ = scienceqa_slice(tmp_path)
+    raises(lambda: read_scienceqa(root, "dev"), "pid_splits.json", "no split 'dev'", "test")
+    raises(lambda: read_coco(COCO, "restval"), "dataset_coco.json", "no split 'restval'")
+
+
+def test_bad_coco(tmp_path):
+    data = json.loads((COCO / "dataset_coco.json").read_text())
+    root = tmp_path / "coco"
+    root.mkdir()
+    images = [im for im in data["images"] if im["split"] == "test"][:3]
+    for im in images:
+        (root / im["filepath"]).mkdir(exist_ok=True)
+        shutil.copy(COCO / im["filepath"] / im["filename"], root / im["filepath"] / im["filename"])
+    file = root / "dataset_coco.json"
+    file.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    assert len(read_coco(root, "test")) == 3
+    (root / images[1]["filepath"] / images[1]["filename"]).unlink()
+    raises(lambda: read_coco(root, "test"), images[1]["filename"], "not found")
+    del images[0]["sentences"]
+    file.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    raises(lambda: read_coco(root, "test"), "dataset_coco.json", "images[0]", "missing field 'sentences'")
+    file.write_text("{")
+    raises(lambda: read_coco(root, "test"), "dataset_coco.json", "invalid JSON")
+
