@@ -34,7 +34,7 @@ from .vit import VisionTransformer
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
 
-VIT_RECIPE = dict(seed=1234, pool=6000, steps=700, batch=64, lr=2e-3, weight_decay=0.05)
+VIT_RECIPE = dict(seed=1234, pool=6000, steps=300, batch=32, lr=2e-3, weight_decay=0.05)
 LM_RECIPE = dict(seed=4321, docs=20000, steps=1000, batch=32, seq_len=256, lr=3e-3, weight_decay=0.1)
 
 
@@ -47,6 +47,11 @@ def _world():
         sys.modules["make_tiny_data"] = importlib.util.module_from_spec(spec)   # dataclasses need it registered
         spec.loader.exec_module(sys.modules["make_tiny_data"])
     return sys.modules["make_tiny_data"]
+
+
+def cpu_autocast():
+    """bf16 autocast for the LM: ~1.7x faster on CPUs with bf16 units (slower for the 64-wide ViT)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -82,13 +87,13 @@ def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print) -> dict
             group["lr"] = cosine_lr(step, r["steps"], r["lr"], r["steps"] // 10)
         idx = torch.randint(len(scenes), (r["batch"],), generator=g)
         cls = vit.ln_post(vit(images[idx], [last])[0][:, 0]) @ vit.proj           # (B, output_dim)
-        loss = F.binary_cross_entropy_with_logits(head(cls), labels[idx])
+        logits = head(cls)
+        loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            with torch.no_grad():
-                acc = ((head(cls) > 0).float() == labels[idx]).all(-1).float().mean().item()
+            acc = ((logits.detach() > 0).float() == labels[idx]).all(-1).float().mean().item()
             log(f"pretrain ViT  step {step + 1}/{r['steps']} | loss {loss.item():.4f} | "
                 f"exact-set accuracy {acc:.2f} | {time.time() - t0:.0f}s")
     return vit.state_dict()
@@ -111,8 +116,9 @@ def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Ten
             group["lr"] = cosine_lr(step, r["steps"], r["lr"], r["steps"] // 10)
         starts = torch.randint(len(stream) - L - 1, (r["batch"],), generator=g)
         chunk = torch.stack([stream[s:s + L + 1] for s in starts.tolist()])         # (B, L + 1)
-        logits = lm(chunk[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        with cpu_autocast():
+            logits = lm(chunk[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)

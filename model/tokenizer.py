@@ -17,3 +17,157 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real tokenizers, each behind an optional package. `decode` drops special tokens; `encode` reads the
+# special tokens' text (e.g. "<|im_start|>") as those tokens, so chat templates can be written as text.
+
+def _need(module: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"this tokenizer needs the `{module}` package: pip install {module}") from None
+
+
+class SentencePieceTokenizer:
+    """LLaMA-1/2 and Vicuna: a SentencePiece `tokenizer.model` (BOS 1, EOS 2, no pad: pad with EOS)."""
+
+    def __init__(self, path):
+        self.sp = _need("sentencepiece").SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id   # padding is never attended/scored
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return ([self.bos_id] if bos else []) + self.sp.encode(text) + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class TiktokenTokenizer:
+    """LLaMA-3.x: the tiktoken-format `tokenizer.model` (one "base64-token rank" per line) plus Meta's
+    256 special tokens numbered after the base vocabulary (<|begin_of_text|> = 128000 for the real file)."""
+
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+               "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+
+    def __init__(self, path):
+        import base64
+        tiktoken = _need("tiktoken")
+        with open(path, "rb") as f:
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+        self.n_base = len(ranks)
+        names = self.SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(self.SPECIAL))]
+        self.special = {name: self.n_base + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(name=str(path), pat_str=self.PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=self.special)
+        self.vocab_size = self.n_base + len(names)
+        self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
+        self.pad_id = self.special["<|finetune_right_pad_id|>"]
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.model.encode(text, allowed_special="all")
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.model.decode([int(i) for i in ids if i < self.n_base])
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer`: from a Hugging Face `tokenizer.json`, or built from a GGUF vocabulary."""
+
+    def __init__(self, tok, bos_id, eos_id, pad_id=None):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.pad_id = pad_id if pad_id is not None else eos_id
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids      # BOS/EOS only when asked for
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @classmethod
+    def from_file(cls, path) -> "HFTokenizer":
+        """tokenizer.json; the BOS/EOS/PAD strings come from tokenizer_config.json beside it, if any."""
+        import json
+        from pathlib import Path
+        tok = _need("tokenizers").Tokenizer.from_file(str(path))
+        conf_file = Path(path).with_name("tokenizer_config.json")
+        conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
+
+        def token_id(name):
+            t = conf.get(name)
+            t = t.get("content") if isinstance(t, dict) else t
+            return tok.token_to_id(t) if t else None
+        return cls(tok, token_id("bos_token"), token_id("eos_token"), token_id("pad_token"))
+
+    # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) -> how text is split before byte-level BPE
+    GGUF_PRE = {"gpt2": "gpt2", "default": "gpt2", "smollm": "digits+gpt2", "starcoder": "digits+gpt2",
+                "refact": "digits+gpt2", "llama-bpe": "llama3", "llama3": "llama3"}
+    GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4                            # tokenizer.ggml.token_type values
+
+    @classmethod
+    def from_gguf(cls, path) -> "HFTokenizer":
+        """The byte-level BPE (`tokenizer.ggml.model` "gpt2") stored in a GGUF file, special tokens included."""
+        gguf, tk = _need("gguf"), _need("tokenizers")
+        fields = gguf.GGUFReader(str(path)).fields
+
+        def meta(key, default=None):
+            return fields[key].contents() if key in fields else default
+        if meta("tokenizer.ggml.model") != "gpt2":
+            raise ValueError(f"{path}: tokenizer.ggml.model is {meta('tokenizer.ggml.model')!r}; only 'gpt2' "
+                             f"(byte-level BPE) is supported")
+        pre = cls.GGUF_PRE.get(meta("tokenizer.ggml.pre", "default"))
+        if pre is None:
+            raise ValueError(f"{path}: unknown tokenizer.ggml.pre {meta('tokenizer.ggml.pre')!r}; "
+                             f"known: {', '.join(cls.GGUF_PRE)}")
+        tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]   # byte-level tokens hold no space
+        tok = tk.Tokenizer(tk.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "llama3")
+        if pre == "digits+gpt2":
+            digits = tk.pre_tokenizers.Digits(individual_digits=True)
+            tok.pre_tokenizer = tk.pre_tokenizers.Sequence([digits, byte_level])
+        elif pre == "llama3":
+            split = tk.pre_tokenizers.Split(tk.Regex(TiktokenTokenizer.PATTERN), behavior="isolated")
+            tok.pre_tokenizer = tk.pre_tokenizers.Sequence([split, byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
+        tok.decoder = tk.decoders.ByteLevel()
+        tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == cls.GGUF_CONTROL])
+        tok.add_tokens([tk.AddedToken(t, normalized=False)
+                        for t, k in zip(tokens, types) if k == cls.GGUF_USER_DEFINED])
+        return cls(tok, meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id"),
+                   meta("tokenizer.ggml.padding_token_id"))
+
+
+def load_tokenizer(path):
+    """Pick the wrapper by file: *.gguf, tokenizer.json, or tokenizer.model (tiktoken text vs SentencePiece
+    protobuf, told apart by the first line). A directory is searched for tokenizer.json, then tokenizer.model."""
+    import re
+    from pathlib import Path
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{p}: no tokenizer.json or tokenizer.model")
+        p = found[0]
+    if p.suffix == ".gguf":
+        return HFTokenizer.from_gguf(p)
+    if p.suffix == ".json":
+        return HFTokenizer.from_file(p)
+    with open(p, "rb") as f:
+        first = f.readline()
+    if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\s*", first):
+        return TiktokenTokenizer(p)
+    return SentencePieceTokenizer(p)
