@@ -52,11 +52,11 @@ def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
                        torch.where(wavelen > old_len / low_ff, freqs / factor, blended))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, hd); cos, sin (T, hd/2). Rotates each adjacent pair (x0, x1) by its angle, in fp32."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)               # 2 x (B, T, H, hd/2)
-    cos, sin = cos[:, None, :], sin[:, None, :]                         # (T, 1, hd/2)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd); freqs_cis (T, hd/2) complex e^{i·pos·freq}. Each adjacent pair (x0, x1) is read as
+    the complex number x0 + i·x1 and rotated by one complex multiplication (Meta's code), in fp32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))      # (B, T, H, hd/2) complex
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,10 +89,10 @@ class Attention(nn.Module):
         self.cache_v[:, :, start_pos:end] = v
         return self.cache_k[:, :, :end], self.cache_v[:, :, :end]
 
-    def forward(self, x, cos, sin, start_pos: int, use_cache: bool) -> torch.Tensor:
+    def forward(self, x, freqs_cis, start_pos: int, use_cache: bool) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                # (B, heads, T, hd)
         if use_cache:
@@ -130,8 +130,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos: int, use_cache: bool, memory: Optional[MemoryBranch]):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, use_cache)
+    def forward(self, x, freqs_cis, start_pos: int, use_cache: bool, memory: Optional[MemoryBranch]):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, use_cache)
         u = self.ffn_norm(h)
         out = h + self.feed_forward(u)
         if memory is not None:                     # MemVP: the visual memory sits beside the FFN
@@ -161,16 +161,16 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (length, hd/2) for positions start..start+length, cached per device."""
+    def rope(self, start: int, length: int, device) -> torch.Tensor:
+        """freqs_cis (length, hd/2) complex, for positions start..start+length; cached per device."""
         end = start + length
-        cos, sin = self._rope.get(device, (None, None))
-        if cos is None or cos.shape[0] < end:
+        freqs_cis = self._rope.get(device)
+        if freqs_cis is None or freqs_cis.shape[0] < end:
             n = max(end, self.cfg.max_seq_len)
             angles = torch.outer(torch.arange(n, device=device).float(), rope_frequencies(self.cfg, device))
-            cos, sin = angles.cos(), angles.sin()
-            self._rope[device] = (cos, sin)
-        return cos[start:end], sin[start:end]
+            freqs_cis = torch.polar(torch.ones_like(angles), angles)                 # e^{i·angle}
+            self._rope[device] = freqs_cis
+        return freqs_cis[start:end]
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -182,9 +182,9 @@ class Transformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens)                                  # (B, T, D)
-        cos, sin = self.rope(start_pos, T, tokens.device)
+        freqs_cis = self.rope(start_pos, T, tokens.device)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, use_cache, memory)
+            h = layer(h, freqs_cis, start_pos, use_cache, memory)
         h = self.norm(h[:, -1:] if last_only else h)
         return F.linear(h, self.output_weight()).float()                 # (B, T, V)
 

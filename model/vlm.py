@@ -31,10 +31,17 @@ class LSRM(nn.Module):
         self.memory = VisualMemory(cfg)
 
     def encode_images(self, images: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D)."""
-        hidden = self.visual(images, self.cfg.lsrm.taps)                      # L x (B, 1 + P, Dv)
-        feats = [self.visual.ln_post(h[:, 1:]) for h in hidden]               # frozen ln_post, CLS dropped
-        return self.memory.encode(feats, has_image)
+        """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D).
+
+        Items without an image get Z = 0 (only P1/P2 remain), so the ViT runs only on those with one."""
+        keep = has_image > 0
+        if keep.all():
+            hidden = self.visual(images, self.cfg.lsrm.taps)                  # L x (B, 1 + P, Dv)
+            return self.memory.encode([self.visual.ln_post(h[:, 1:]) for h in hidden], has_image)  # CLS dropped
+        z = self.memory.empty(images.shape[0])
+        if keep.any():
+            z = z.index_put((keep.nonzero()[:, 0],), self.encode_images(images[keep], has_image[keep]).to(z.dtype))
+        return z
 
     def memory_read(self, z: torch.Tensor, inheritable: Optional[bool] = None) -> VisualMemoryRead:
         on = self.cfg.lsrm.inheritable if inheritable is None else inheritable

@@ -158,3 +158,13 @@ def test_ablation_ladder_configs_build_and_differ():
         model = build(cfg)
         assert len(model.memory.projectors) == len(cfg.lsrm.taps)
         assert model(tokens, images).shape == (3, 17, cfg.llama.vocab_size)
+
+
+def test_mixed_batch_runs_the_vit_only_on_images():
+    model = trained_like(build(tiny())).eval()
+    tokens, images = batch(model.cfg)
+    with torch.no_grad():
+        z = model.encode_images(images, torch.tensor([1.0, 0.0, 1.0]))
+        alone = model.encode_images(images[[0, 2]], torch.ones(2))
+    assert torch.equal(z[1], torch.zeros_like(z[1]))
+    torch.testing.assert_close(z[[0, 2]], alone)
