@@ -71,7 +71,8 @@ def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
                        llm_path=resolve(t.llm_weights) if t.llm_weights else None)
         model = materialize(model, device="cpu")
     elif not t.pretrained:
-        model = build(cfg)                        # random frozen backbones: for smoke tests only
+        torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
+        model = build(cfg)                        # for smoke tests only
     else:
         if cfg.name != "tiny":
             raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
@@ -104,8 +105,8 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
     return examples, VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
 
 
-def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print) -> dict:
-    examples, dataset = make_dataset(cfg, split, tokenizer, data)
+def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print, loaded=None) -> dict:
+    examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data)
     fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
     metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, inheritable, log=log)
     return {"split": split, "n": len(examples), "metrics": metrics, "records": records}
@@ -130,6 +131,7 @@ def cmd_train(args) -> None:
     torch.manual_seed(cfg.train.seed)
     tokenizer = make_tokenizer(cfg)
     examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
+    evaluation = None if args.no_eval else make_dataset(cfg, cfg.train.eval_split, tokenizer)  # checked up front
     log(f"{len(examples)} training items from {resolve(cfg.train.data)}; config {cfg.name}; "
         f"{world} process(es) on {device}")
     model = make_model(cfg, device, log)
@@ -143,7 +145,7 @@ def cmd_train(args) -> None:
     if rank != 0 or args.no_eval:
         return
     on = inheritable_at(cfg, cfg.train.epochs - 1)
-    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, on, log=log)
+    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, on, log=log, loaded=evaluation)
     result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
@@ -195,7 +197,51 @@ def cmd_generate(args) -> None:
             pending.clear()
 
     generate(model, tokens, z, args.max_new_tokens, tokenizer.eos_id, ckpt["inheritable_used"], on_token=stream)
-    print()
+    print(tokenizer.decode(pending))             # whatever is left (an incomplete character shows as �)
+
+
+def cmd_stepcheck(args) -> None:
+    """One PEFT training step at a full preset's true shape, random frozen weights: time and peak memory."""
+    import resource
+    from model.train import answer_loss_sum, make_optimizer
+    from model.weights import materialize
+    cfg = load_config(args.config, args.set)
+    device = default_device()
+    dtype = getattr(torch, args.dtype)
+    t0 = time.time()
+    model = build(cfg, device="meta")
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():                        # frozen weights straight in `dtype`: never a fp32 copy
+        for name, p in list(model.named_parameters()):
+            if not p.requires_grad and name != "visual.proj":
+                mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+                w = torch.empty(p.shape, device=device, dtype=dtype)
+                is_norm = p.ndim == 1 and name.endswith("weight") and ("norm" in name or ".ln_" in name)
+                w.fill_(1.0) if is_norm else w.normal_(0.0, 0.02, generator=g)
+                setattr(mod, attr, torch.nn.Parameter(w, requires_grad=False))
+    model = materialize(model, device=device, dtype=dtype)
+    built = time.time() - t0
+    B, T = args.batch, args.tokens
+    tokens = torch.randint(0, cfg.llama.vocab_size, (B, T), device=device, generator=g)
+    targets = torch.full((B, T), -100, device=device)
+    targets[:, -8:] = tokens[:, -8:]                                   # an 8-token "answer"
+    images = torch.randn(B, 3, cfg.vit.image_size, cfg.vit.image_size, device=device, generator=g)
+    opt = make_optimizer(model, cfg)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32)
+    t1 = time.time()
+    with amp:
+        loss = answer_loss_sum(model(tokens, images, torch.ones(B, device=device)), targets) / 8 / B
+    loss.backward()
+    opt.step()
+    step = time.time() - t1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(json.dumps({"config": cfg.name, "device": str(device), "frozen_dtype": args.dtype, "batch": B,
+                      "tokens": T, "trainable": trainable, "loss": round(loss.item(), 4),
+                      "build_seconds": round(built, 1), "step_seconds": round(step, 1),
+                      "peak_memory_gib": round(peak, 2)}))
 
 
 def cmd_params(args) -> None:
@@ -248,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_params)
+
+    p = with_set(sub.add_parser("step-check", help="one PEFT step at a full preset's true shape, random weights"))
+    p.add_argument("--config", default="llama3.2-1b", help=f"one of: {', '.join(C.PRESETS)}")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="frozen weights' dtype (trainable ones stay fp32)")
+    p.set_defaults(fn=cmd_stepcheck)
 
     args = ap.parse_args(argv)
     try:

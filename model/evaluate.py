@@ -61,7 +61,7 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
     items = [dataset[i] for i in range(len(dataset))]
     prompts = [it["tokens"][:it["n_prompt"]] + extra for it in items]
     outputs: list[str] = [""] * len(items)
-    done, t0 = 0, time.time()
+    done, t0, last_log = 0, time.time(), time.time()
     for idx in _by_length(prompts, batch):
         tokens = torch.tensor([prompts[i] for i in idx], device=device)
         has_image = torch.tensor([items[i]["has_image"] for i in idx], device=device, dtype=torch.float32)
@@ -73,8 +73,8 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
         for i, ids in zip(idx, generate(model, tokens, z, max_new_tokens, tokenizer.eos_id, inheritable)):
             outputs[i] = tokenizer.decode(ids)
         done += len(idx)
-        if log is not None and (done == len(items) or time.time() - t0 > 0):
-            rate = done / max(time.time() - t0, 1e-9)
+        if log is not None and (done == len(items) or time.time() - last_log > 5):
+            last_log, rate = time.time(), done / max(time.time() - t0, 1e-9)
             log(f"eval {done}/{len(items)} | {rate:.1f} items/s | ETA {(len(items) - done) / rate:.0f}s")
     return outputs
 

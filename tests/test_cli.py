@@ -1,0 +1,124 @@
+"""The command line end to end at tiny size (random frozen backbones, so it is quick): train, eval,
+generate, and a clear one-line error — before any training — for each kind of bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tiny_data" / "scienceqa"
+QUICK = ["--set", "train.pretrained=false", "--set", "train.limit=64", "--set", "train.epochs=1",
+         "--set", "train.batch_size=16", "--set", "train.eval_split=minitest"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run("train", "--out", out, *QUICK)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_train_prints_progress_table_and_writes_metrics(trained):
+    out, stdout = trained
+    assert "step     4/4 | epoch 1/1 | loss" in stdout and "ETA" in stdout
+    for col in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"):
+        assert col in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "minitest" and metrics["n"] == 200 and 0 <= metrics["metrics"]["Avg"] <= 100
+    assert (out / "checkpoint.pt").is_file() and len((out / "log.jsonl").read_text().splitlines()) == 4
+
+
+def test_eval_reproduces_the_training_run(trained):
+    out, _ = trained
+    r = run("eval", "--ckpt", out / "checkpoint.pt", "--split", "minitest", "--out", out / "eval.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning" not in r.stdout + r.stderr                       # the same frozen backbones
+    a = json.loads((out / "metrics.json").read_text())["metrics"]
+    b = json.loads((out / "eval.json").read_text())["metrics"]
+    assert a == b
+
+
+def test_generate_streams_text(trained):
+    out, _ = trained
+    image = next((DATA / "images" / "test").glob("*/image.png"))
+    r = run("generate", "--ckpt", out / "checkpoint.pt", "--image", image, "--max-new-tokens", 8,
+            "--prompt", r"Question: How many circles are there?\nContext: N/A\nOptions: (A) 1 (B) 2\nResponse:")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.endswith("\n")               # random backbones: the text itself is noise
+
+
+def test_checkpoint_from_a_different_config_is_refused(trained):
+    out, _ = trained
+    r = run("eval", "--ckpt", out / "checkpoint.pt", "--set", "lsrm.n_slots=96", "--split", "minitest")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "checkpoint.pt" in r.stderr and "different config" in r.stderr
+
+
+def bad_copy(tmp_path, edit):
+    root = tmp_path / "scienceqa"
+    shutil.copytree(DATA, root)
+    edit(root)
+    return root
+
+
+def edit_json(root, name, fn):
+    path = root / name
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def first_image(root):
+    pids = json.loads((root / "pid_splits.json").read_text())["train"]
+    problems = json.loads((root / "problems.json").read_text())
+    pid = next(p for p in pids if problems[p]["image"])
+    return root / "images" / "train" / pid / "image.png"
+
+
+CASES = {
+    "missing image": (lambda r: first_image(r).unlink(), "image.png"),
+    "corrupt image": (lambda r: first_image(r).write_bytes(b"\x89PNG garbage"), "image.png"),
+    "missing field": (lambda r: edit_json(r, "problems.json", lambda d: d[next(iter(d))].pop("choices")),
+                      "problems.json"),
+    "answer out of range": (lambda r: edit_json(r, "problems.json", lambda d: d[next(iter(d))].update(answer=9)),
+                            "problems.json"),
+    "pid without problem": (lambda r: edit_json(r, "pid_splits.json", lambda d: d["train"].append("999999")),
+                            "pid_splits.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_data_is_a_one_line_error_before_training(tmp_path, case):
+    edit, names = CASES[case]
+    root = bad_copy(tmp_path, edit)
+    out = tmp_path / "run"
+    r = run("train", "--out", out, *QUICK, "--set", f"train.data={root}")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert names in r.stderr
+    assert "step" not in r.stdout and not (out / "checkpoint.pt").exists()
+
+
+def test_unknown_option_lists_the_valid_ones():
+    r = run("train", "--set", "train.nope=1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "unknown option 'train.nope'" in r.stderr and "train.epochs" in r.stderr
+
+
+@pytest.mark.slow
+def test_full_shape_peft_step_fits_on_cpu():
+    """One training step at the true CLIP ViT-L/14 + LLaMA3.2-1B shape, random weights, within 24 GB."""
+    r = run("step-check", "--config", "llama3.2-1b", "--tokens", 128)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["trainable"] == 2_298_112 and out["peak_memory_gib"] < 24
+    assert 10 < out["loss"] < 13                                      # ≈ ln(128256) for random weights
