@@ -64,12 +64,13 @@ def make_tokenizer(cfg: C.Config):
 def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
     """The frozen backbones (tiny: pretrained here, cached; else from checkpoint files) + fresh adapters."""
     t = cfg.train
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[t.frozen_dtype]
+    if t.vit_weights and t.llm_weights:         # real checkpoints, straight into `dtype` on `device`
+        from model.weights import load_pretrained
+        return load_pretrained(cfg, resolve(t.vit_weights), resolve(t.llm_weights), device=device, dtype=dtype)
     if t.vit_weights or t.llm_weights:
-        from model.weights import load_backbones, materialize
-        model = build(cfg, device="meta")
-        load_backbones(model, vit_path=resolve(t.vit_weights) if t.vit_weights else None,
-                       llm_path=resolve(t.llm_weights) if t.llm_weights else None)
-        model = materialize(model, device="cpu")
+        raise UserError("set both train.vit_weights and train.llm_weights (or neither, for the tiny preset)")
     elif not t.pretrained:
         torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
         model = build(cfg)                        # for smoke tests only
@@ -89,8 +90,6 @@ def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
         if unexpected or set(missing) - allowed:
             raise UserError(f"pretrained backbone cache does not fit config {cfg.name}: "
                             f"{sorted(set(missing) - allowed)[:3]} {unexpected[:3]}")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[t.frozen_dtype]
     return cast_frozen(model, dtype).to(device)
 
 
@@ -258,6 +257,21 @@ def cmd_params(args) -> None:
         print(f"  {name:24s} {g['trainable']:>13,} trainable {g['total']:>15,} total")
 
 
+def cmd_bench(args) -> None:
+    """Speed and memory: MemVP vs LSRM, ours vs transformers, KV cache, selection vs sort (model/bench.py)."""
+    from model.bench import format_rows, run_bench
+    configs = ("tiny",) if args.quick else tuple(args.configs.split(","))
+    result = run_bench(configs, reps=1 if args.quick else args.reps, threads=args.threads)
+    m = result["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} thread(s), "
+          f"{', '.join(m['devices'])}; median of {result['reps']} interleaved repetition(s)")
+    print(format_rows(result["rows"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lsrm.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="frozen weights' dtype (trainable ones stay fp32)")
     p.set_defaults(fn=cmd_stepcheck)
+
+    p = sub.add_parser("bench", help="speed and memory: MemVP vs LSRM, ours vs transformers (tiny and mid)")
+    p.add_argument("--out", default="runs/bench.json", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="tiny only, one repetition (a smoke test)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per side, after one warm-up")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, or a preset name")
+    p.set_defaults(fn=cmd_bench)
 
     args = ap.parse_args(argv)
     try:

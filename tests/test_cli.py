@@ -122,3 +122,34 @@ def test_full_shape_peft_step_fits_on_cpu():
     out = json.loads(r.stdout)
     assert out["trainable"] == 2_298_112 and out["peak_memory_gib"] < 24
     assert 10 < out["loss"] < 13                                      # ≈ ln(128256) for random weights
+
+
+def test_train_and_eval_from_real_checkpoint_files(tmp_path):
+    """The full-scale path at tiny shape: HF CLIPVisionModel + HF LlamaForCausalLM directories on disk,
+    loaded through train.vit_weights / train.llm_weights, trained, evaluated from the checkpoint."""
+    from conftest import need
+    transformers = need("transformers")
+    need("safetensors")
+    from model import get_config
+    from model.weights import to_hf_llama_config
+    import torch
+    cfg = get_config("tiny")
+    v = cfg.vit
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+        num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu",
+        projection_dim=v.output_dim))
+    clip.save_pretrained(tmp_path / "clip")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_llama_config(cfg.llama)))
+    llama.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "run"
+    weights = ["--set", f"train.vit_weights={tmp_path / 'clip'}", "--set", f"train.llm_weights={tmp_path / 'llama'}"]
+    r = run("train", "--out", out, *QUICK, *weights)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run("eval", "--ckpt", out / "checkpoint.pt", "--split", "minitest", "--out", out / "eval.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "eval.json").read_text())["metrics"] == json.loads((out / "metrics.json").read_text())["metrics"]
+    r = run("train", "--out", out, *QUICK, "--set", f"train.vit_weights={tmp_path / 'llama'}",
+            "--set", f"train.llm_weights={tmp_path / 'llama'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "llama" in r.stderr      # wrong file for the ViT
