@@ -243,6 +243,35 @@ def cmd_stepcheck(args) -> None:
                       "peak_memory_gib": round(peak, 2)}))
 
 
+def cmd_visualize(args) -> None:
+    """Figures 3 and 5 of the paper for one image: M over the patches per text token; Λ and projector maps."""
+    from PIL import Image
+    from model.evaluate import ANSWER_PREFIX
+    from model.visualize import figure3, figure5, save
+    device = default_device()
+    cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
+    if args.image:
+        path, prompt = Path(args.image), (args.prompt or "").replace("\\n", "\n")
+    else:                                   # the first test item with an image, and its own question
+        examples, _ = make_dataset(cfg, "test", tokenizer)
+        ex = next(e for e in examples if e.image is not None)
+        path, prompt = ex.image, args.prompt or ex.prompt
+    image = load_image(path, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+    prefix = ANSWER_PREFIX if cfg.train.task == "scienceqa" else ""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt + prefix)
+    z = model.encode_images(image, torch.ones(1, device=device))
+    answer = generate(model, torch.tensor([ids], device=device), z, 8, tokenizer.eos_id, True)[0]
+    text = prompt + prefix + tokenizer.decode(answer)
+    n = len(tokenizer.encode(text)) + 1                                   # + BOS
+    q_end = len(tokenizer.encode(prompt.split("\n")[0])) + 1            # end of the question line
+    positions = sorted({max(1, q_end // 2), q_end, n - len(answer) - 1, n - 1})
+    out = Path(args.out)
+    pil = Image.open(path)
+    f3 = save(figure3(model, tokenizer, pil, image, text, positions), out / "figure3_inheritable_M.png")
+    f5 = save(figure5(model, pil, image), out / "figure5_lambda_and_maps.png")
+    print(f"answer: {tokenizer.decode(answer)!r}\nwrote {f3}\nwrote {f5}")
+
+
 def cmd_params(args) -> None:
     cfg = load_config(args.config, args.set)
     groups = param_groups(build(cfg, device="meta"))       # meta: no memory, no weights
@@ -324,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, or a preset name")
     p.set_defaults(fn=cmd_bench)
+
+    p = with_set(sub.add_parser("visualize", help="the paper's Figures 3 and 5 for one image, as PNGs"))
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--image", help="an image file (default: the first test image of the checkpoint's data)")
+    p.add_argument("--prompt", help="the prompt (default: that test item's)")
+    p.add_argument("--out", default="runs/figures", help="directory for the PNGs")
+    p.set_defaults(fn=cmd_visualize)
 
     args = ap.parse_args(argv)
     try:

@@ -153,3 +153,13 @@ def test_train_and_eval_from_real_checkpoint_files(tmp_path):
     r = run("train", "--out", out, *QUICK, "--set", f"train.vit_weights={tmp_path / 'llama'}",
             "--set", f"train.llm_weights={tmp_path / 'llama'}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "llama" in r.stderr      # wrong file for the ViT
+
+
+def test_visualize_writes_both_figures(trained, tmp_path):
+    out, _ = trained
+    r = run("visualize", "--ckpt", out / "checkpoint.pt", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+    for name in ("figure3_inheritable_M.png", "figure5_lambda_and_maps.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.width > 200 and im.height > 200

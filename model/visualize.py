@@ -1,0 +1,125 @@
+"""Pictures like the paper's Figures 3 and 5, drawn with Pillow alone.
+
+Figure 3: for chosen text tokens, the inheritable matrix M over the image patches after the last block,
+          as a heat overlay on the image (dark = decayed: the patches that token learned to ignore).
+Figure 5: (a) each projector's Λ sorted; (b) per-patch activation maps (‖SRProj_l(x_p)‖ for every patch p)
+          of the final-layer vs the intermediate-layer projector.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .vlm import LSRM
+
+# a perceptual dark-to-bright ramp (approximately matplotlib's "inferno" at five stops)
+RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """values in [0, 1] (H, W) -> RGB uint8 (H, W, 3), piecewise-linear along RAMP."""
+    x = np.clip(values, 0, 1) * (len(RAMP) - 1)
+    i = np.minimum(x.astype(int), len(RAMP) - 2)
+    f = (x - i)[..., None]
+    return ((1 - f) * RAMP[i] + f * RAMP[i + 1]).astype(np.uint8)
+
+
+def normalise(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def overlay(image: Image.Image, grid_values: np.ndarray, size: int = 224, alpha: float = 0.6,
+            fixed_range: tuple[float, float] | None = None) -> Image.Image:
+    """A (g, g) map, upsampled to `size` with nearest patches, blended over the image."""
+    base = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    v = grid_values if fixed_range is None else (grid_values - fixed_range[0]) / (fixed_range[1] - fixed_range[0])
+    v = normalise(grid_values) if fixed_range is None else v
+    heat = Image.fromarray(colormap(v)).resize((size, size), Image.NEAREST)
+    return Image.blend(base, heat, alpha)
+
+
+def labelled(tiles: list[tuple[str, Image.Image]], title: str) -> Image.Image:
+    """Tiles side by side with a caption under each and a title on top."""
+    w, h = tiles[0][1].size
+    sheet = Image.new("RGB", (w * len(tiles) + 8 * (len(tiles) + 1), h + 48), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((8, 4), title, fill="black")
+    for i, (caption, tile) in enumerate(tiles):
+        x = 8 + i * (w + 8)
+        sheet.paste(tile, (x, 20))
+        draw.text((x, h + 26), caption[:w // 5], fill="black")
+    return sheet
+
+
+@torch.no_grad()
+def inheritable_maps(model: LSRM, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """M after the last block for every position of `tokens` (1, T) with `image` (1, 3, H, W): (T, P)."""
+    model.eval()
+    z = model.encode_images(image, torch.ones(1, device=image.device))
+    read = model.memory_read(z, inheritable=True)
+    model.llama(tokens, memory=read)
+    return read.M[0, :, : model.cfg.vit.n_patches].float().cpu()                      # (T, P)
+
+
+def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor, text: str,
+            positions: list[int]) -> Image.Image:
+    """Overlays of M for the tokens at `positions` of `text` (the prompt plus the generated answer)."""
+    ids = [tokenizer.bos_id] + tokenizer.encode(text)
+    M = inheritable_maps(model, torch.tensor([ids], device=image.device), image)
+    g = model.cfg.vit.grid
+    lam, layers = model.cfg.lsrm.lam, model.cfg.llama.n_layers
+    tiles = []
+    for pos in positions:
+        tok = tokenizer.decode([ids[pos]]).replace("\n", "\\n") or f"#{ids[pos]}"
+        context = tokenizer.decode(ids[max(1, pos - 12):pos + 1]).replace("\n", " ")
+        grid = M[pos].reshape(g, g).numpy()
+        tiles.append((f"{context!r} -> {tok!r}", overlay(pil_image, grid, fixed_range=(lam ** layers, 1.0))))
+    return labelled(tiles, f"Figure 3: inheritable matrix M after {layers} blocks "
+                           f"(bright = kept, dark = decayed towards lambda^{layers})")
+
+
+@torch.no_grad()
+def figure5(model: LSRM, pil_image: Image.Image, image: torch.Tensor) -> Image.Image:
+    """(a) Λ of each projector, sorted; (b) per-patch activation norm of each projector on the image."""
+    model.eval()
+    taps = model.cfg.lsrm.taps
+    hidden = model.visual(image, taps)
+    maps = []
+    for proj, h, t in zip(model.memory.projectors, hidden, taps):
+        out = proj(model.visual.ln_post(h[:, 1:]).to(proj.fc1.weight.dtype))      # (1, P, D)
+        maps.append((t, out[0].norm(dim=-1).reshape(model.cfg.vit.grid, -1).float().cpu().numpy()))
+    tiles = [(f"block {t + 1} projector |SRProj(x_p)|", overlay(pil_image, m)) for t, m in maps]
+    bars = []
+    for proj, t in zip(model.memory.projectors, taps):
+        lam = proj.Lambda.float().cpu().numpy() if proj.Lambda is not None else np.ones(proj.fc1.out_features)
+        bars.append((f"Lambda, block {t + 1}: {lam.min():.2f}..{lam.max():.2f}", bar_chart(np.sort(lam)[::-1])))
+    top = labelled(bars, "Figure 5a: learned Lambda (diagonal of the SRProj), sorted; line = 1 (init)")
+    bottom = labelled(tiles, "Figure 5b: per-patch activation of each layer's projector")
+    sheet = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+    sheet.paste(top, (0, 0))
+    sheet.paste(bottom, (0, top.height))
+    return sheet
+
+
+def bar_chart(values: np.ndarray, size: int = 224) -> Image.Image:
+    """Bars from 0 for each value; a line at 1 (Λ's initial value)."""
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    top = max(float(values.max()), 1.0) * 1.1
+    bottom = min(float(values.min()), 0.0)
+    y = lambda v: size - 1 - (v - bottom) / (top - bottom) * (size - 1)      # noqa: E731
+    w = size / len(values)
+    for i, v in enumerate(values):
+        draw.rectangle([i * w, min(y(v), y(0)), (i + 1) * w - 1, max(y(v), y(0))], fill=(87, 16, 110))
+    draw.line([0, y(1.0), size, y(1.0)], fill=(249, 142, 9), width=1)
+    return img
+
+
+def save(img: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
