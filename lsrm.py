@@ -243,6 +243,65 @@ def cmd_stepcheck(args) -> None:
                       "peak_memory_gib": round(peak, 2)}))
 
 
+def ladder(cfg: C.Config) -> list[tuple[str, C.Config]]:
+    """The paper's Table 5: MemVP, then each LSRM component added in turn (the last row is `cfg` itself)."""
+    base = C.memvp(cfg)
+    fused = C.apply_overrides(C.memvp(cfg), [f"lsrm.taps={','.join(map(str, cfg.lsrm.taps))}",
+                                             f"lsrm.proj_hidden={cfg.lsrm.proj_hidden}"])
+    sr = C.apply_overrides(C.Config.from_dict(fused.to_dict()), ["lsrm.srproj=true"])
+    full = C.apply_overrides(C.Config.from_dict(sr.to_dict()), ["lsrm.inheritable=true"])
+    return [("MemVP (baseline)", base), ("+ multilevel fusion", fused), ("+ SRProj", sr),
+            ("+ inheritable CA (LSRM)", full)]
+
+
+def cmd_ablate(args) -> None:
+    """Table 5 at tiny scale: each ladder row over several seeds, then a δ / λ sweep (Figure 4)."""
+    import statistics
+    cfg = load_config(args.config, args.set)
+    device = default_device()
+    tokenizer = make_tokenizer(cfg)
+    train_data = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
+    test_data = make_dataset(cfg, cfg.train.eval_split, tokenizer)
+    d, lam = cfg.lsrm.delta, cfg.lsrm.lam
+    runs = [(name, c, s) for name, c in ladder(cfg) for s in range(args.seeds)]
+    sweep = [(f"δ={x}, λ={lam}", [f"lsrm.delta={x}"]) for x in args.deltas if x != d] + \
+            [(f"δ={d}, λ={x}", [f"lsrm.lam={x}"]) for x in args.lams if x != lam]
+    runs += [(name, C.apply_overrides(C.Config.from_dict(cfg.to_dict()), o), s)
+             for name, o in sweep for s in range(args.sweep_seeds)]
+    results: dict[str, list[dict]] = {}
+    params: dict[str, int] = {}
+    t0 = time.time()
+    for i, (name, c, seed) in enumerate(runs):
+        c = C.apply_overrides(C.Config.from_dict(c.to_dict()), [f"train.seed={c.train.seed + seed}"])
+        torch.manual_seed(c.train.seed)
+        model = make_model(c, device, log=print)
+        params[name] = sum(g["trainable"] for g in param_groups(model).values())
+        train(c, model, train_data[1], lambda items: collate(items, tokenizer.pad_id),
+              Path(args.out) / f"run{i}", log=lambda *a: None, device=device)
+        r = evaluate(c, model, tokenizer, c.train.eval_split, device, inheritable_at(c, c.train.epochs - 1),
+                     log=None, loaded=test_data)
+        results.setdefault(name, []).append(r["metrics"])
+        done = time.time() - t0
+        print(f"ablate {i + 1}/{len(runs)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
+              f"ETA {fmt_time(done / (i + 1) * (len(runs) - i - 1))}", flush=True)
+    cols = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
+    lines = ["| row | #trainable | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, ms in results.items():
+        cells = []
+        for col in cols:
+            vals = [m[col] for m in ms if m[col] is not None]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}" if vals else "-")
+        lines.append(f"| {name} | {params[name]:,} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    note = (f"\n\n{args.seeds} seed(s) per ladder row, {args.sweep_seeds} per sweep point; "
+            f"mean ± std of test accuracy (%); config {cfg.name}; {fmt_time(time.time() - t0)} in all.\n")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "ablation.md").write_text(table + note)
+    (Path(args.out) / "ablation.json").write_text(json.dumps({"params": params, "results": results}, indent=1))
+    print(table + note + f"wrote {Path(args.out) / 'ablation.md'}")
+
+
 def cmd_visualize(args) -> None:
     """Figures 3 and 5 of the paper for one image: M over the patches per text token; Λ and projector maps."""
     from PIL import Image
@@ -353,6 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, or a preset name")
     p.set_defaults(fn=cmd_bench)
+
+    p = with_set(sub.add_parser("ablate", help="Table 5 (the component ladder) over seeds, and a δ/λ sweep"))
+    p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per ladder row")
+    p.add_argument("--sweep-seeds", type=int, default=1, help="seeds per δ/λ sweep point")
+    p.add_argument("--deltas", type=float, nargs="*", default=[0.1, 0.5], help="δ values (λ fixed)")
+    p.add_argument("--lams", type=float, nargs="*", default=[0.7, 0.95], help="λ values (δ fixed)")
+    p.add_argument("--out", default="runs/ablate")
+    p.set_defaults(fn=cmd_ablate)
 
     p = with_set(sub.add_parser("visualize", help="the paper's Figures 3 and 5 for one image, as PNGs"))
     p.add_argument("--ckpt", required=True)

@@ -163,3 +163,15 @@ def test_visualize_writes_both_figures(trained, tmp_path):
     for name in ("figure3_inheritable_M.png", "figure5_lambda_and_maps.png"):
         with Image.open(tmp_path / name) as im:
             assert im.width > 200 and im.height > 200
+
+
+def test_ablate_runs_the_ladder_and_writes_a_table(tmp_path):
+    r = run("ablate", "--seeds", 2, "--deltas", 0.1, "--lams", "--out", tmp_path, *QUICK,
+            "--set", "train.limit=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "ablation.md").read_text()
+    for row in ("MemVP (baseline)", "+ multilevel fusion", "+ SRProj", "+ inheritable CA (LSRM)", "δ=0.1, λ=0.85"):
+        assert f"| {row} |" in table
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert len(data["results"]["+ SRProj"]) == 2 and data["params"]["MemVP (baseline)"] < data["params"]["+ SRProj"]
+    assert "ablate 9/9" in r.stdout and "ETA" in r.stdout
