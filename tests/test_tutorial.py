@@ -1,0 +1,55 @@
+"""tutorial.md cannot rot: every ```console block's commands are run and their output compared exactly;
+every `python lsrm.py ...` line of a ```bash block is run (training ones at smoke size) and must succeed."""
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIAL = (ROOT / "tutorial.md").read_text()
+SMOKE = ["--set", "train.pretrained=false", "--set", "train.limit=32", "--set", "train.epochs=1",
+         "--set", "train.batch_size=16", "--set", "train.eval_split=minitest"]
+
+
+def blocks(kind: str) -> list[str]:
+    return re.findall(rf"```{kind}\n(.*?)```", TUTORIAL, flags=re.S)
+
+
+def console_cases():
+    for block in blocks("console"):
+        parts = re.split(r"^\$ ", block, flags=re.M)[1:]
+        for part in parts:
+            command, _, output = part.partition("\n")
+            yield command, output
+
+
+def run(command: str, extra=()):
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[0] == "python", command
+    return subprocess.run([sys.executable, *argv[1:], *extra], cwd=ROOT, capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("command,expected", list(console_cases()))
+def test_console_output_is_what_the_tutorial_shows(command, expected):
+    r = run(command)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [l.rstrip() for l in r.stdout.splitlines()] == [l.rstrip() for l in expected.splitlines()]
+
+
+BASH = [line for b in blocks("bash") for line in b.replace("\\\n", " ").splitlines()
+        if line.startswith("python lsrm.py")]
+
+
+@pytest.mark.parametrize("command", BASH)
+def test_bash_commands_run(command, tmp_path):
+    extra = [*SMOKE, "--out", str(tmp_path)] if command.split()[2] in ("train", "ablate") else []
+    r = run(command, extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_tutorial_has_commands():
+    assert len(list(console_cases())) >= 2 and BASH
