@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
 
 VIT_RECIPE = dict(seed=1234, pool=6000, steps=300, batch=32, lr=2e-3, weight_decay=0.05)
-LM_RECIPE = dict(seed=4321, docs=20000, steps=1000, batch=32, seq_len=256, lr=3e-3, weight_decay=0.1)
+LM_RECIPE = dict(seed=4321, docs=20000, steps=300, batch=32, seq_len=256, lr=3e-3, weight_decay=0.1,
+                 answer_weight=10.0)
 
 
 def _world():
@@ -99,26 +100,67 @@ def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print) -> dict
     return vit.state_dict()
 
 
-def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Tensor]:
-    """A byte-level language model on the toy corpus (random windows of the concatenated documents)."""
-    r = LM_RECIPE
+ANSWER_MARK = b"Response: The answer is "
+
+
+def pack_documents(docs: list[str], seq_len: int, answer_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document-aligned rows: whole documents (BOS ... EOS) packed greedily into rows of seq_len + 1
+    tokens, never split across rows, the rest padded. Returns tokens (R, L + 1) and per-target loss
+    weights (R, L): 0 on padding, `answer_weight` on the answer letter of a question document, else 1.
+    Documents longer than a row are dropped."""
     tok = ByteTokenizer()
+    rows, weights, row, w = [], [], [], []
+
+    def flush():
+        if row:
+            pad = seq_len + 1 - len(row)
+            rows.append(row + [tok.pad_id] * pad)
+            weights.append(w[1:] + [0.0] * pad)          # weight of predicting token i from its prefix
+            row.clear(), w.clear()
+
+    for d in docs:
+        ids = tok.encode(d, bos=True, eos=True)
+        if len(ids) > seq_len + 1:
+            continue
+        dw = [1.0] * len(ids)
+        raw = d.encode("utf-8")
+        at = raw.find(ANSWER_MARK)
+        if at >= 0:
+            dw[1 + at + len(ANSWER_MARK)] = answer_weight     # +1: the BOS in front
+        if len(row) + len(ids) > seq_len + 1:
+            flush()
+        row += ids
+        w += dw
+    flush()
+    return torch.tensor(rows), torch.tensor(weights)
+
+
+def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Tensor]:
+    """A byte-level language model on the toy corpus, in document-aligned packed rows.
+
+    The answer letter of each question document is weighted `answer_weight` times in the loss (it is one
+    byte of ~150-300): the tiny analogue of the instruction tuning a chat LLaMA/Vicuna has had, so that
+    the frozen decoder already answers questions in the prompt format before any PEFT.
+    """
+    r = LM_RECIPE
     docs = _world().text_corpus(r["seed"], r["docs"])
-    stream = torch.tensor([i for d in docs for i in tok.encode(d, bos=True, eos=True)])
+    rows, weights = pack_documents(docs, r["seq_len"], r["answer_weight"])
     torch.manual_seed(r["seed"])
     lm = Transformer(cfg)
     opt = torch.optim.AdamW(lm.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(r["seed"])
-    L = r["seq_len"]
     t0 = time.time()
     for step in range(r["steps"]):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, r["steps"], r["lr"], r["steps"] // 10)
-        starts = torch.randint(len(stream) - L - 1, (r["batch"],), generator=g)
-        chunk = torch.stack([stream[s:s + L + 1] for s in starts.tolist()])         # (B, L + 1)
+        idx = torch.randint(len(rows), (r["batch"],), generator=g)
+        chunk, w = rows[idx], weights[idx]
+        n = int((w > 0).sum(0).nonzero().max()) + 1                     # trim trailing all-padding columns
+        chunk, w = chunk[:, :n + 1], w[:, :n]
         with cpu_autocast():
             logits = lm(chunk[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        ce = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
+        loss = (ce * w.flatten()).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)

@@ -43,7 +43,7 @@ def losses(run_dir):
 
 def test_lr_schedule():
     cfg = small_cfg()
-    peak = 9e-3 * 8 / 256
+    peak = cfg.train.base_lr * 8 / 256
     assert get_lr(0, cfg) == 0 and math.isclose(get_lr(0.25, cfg), peak / 2)
     assert math.isclose(get_lr(0.5, cfg), peak) and get_lr(2.0, cfg) < 1e-12
     lrs = [get_lr(e / 10, cfg) for e in range(5, 21)]

@@ -340,7 +340,7 @@ def q_map_farthest(rng):
         if abs(ranked[0][axis] - ranked[1][axis]) < GAP:
             return None
         names = rng.sample(TOWNS, len(towns))
-        hint = "On this map, " + join_and([f"{n} is the {o['colour']} square" for n, o in zip(names, towns)]) + "."
+        hint = "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
         answer = names[towns.index(ranked[0])]
         return Q(f"Which town is {'farther' if len(towns) == 2 else 'farthest'} {direction}?", names, answer, hint=hint, scene=towns, kind="map",
                  solution=f"North is at the top of the map. {answer} is farther {direction} than the other towns.")
@@ -369,8 +369,8 @@ def q_map_direction(rng):
 def q_magnets(rng):
     p1, p2 = rng.deal("magnets", [("north", "north"), ("north", "south"), ("south", "north"), ("south", "south")])
     answer = "repel" if p1 == p2 else "attract"
-    hint = f"Two bar magnets lie end to end. The {p1} pole of one magnet is next to the {p2} pole of the other."
-    return Q("Will these magnets attract or repel each other?", ["attract", "repel"], answer, hint=hint,
+    hint = f"A {p1} pole is next to a {p2} pole."
+    return Q("Will these magnets attract or repel?", ["attract", "repel"], answer, hint=hint,
              solution=f"Like poles repel and opposite poles attract. These magnets {answer}.")
 
 
@@ -384,8 +384,7 @@ def q_thermal(rng):
     labels = [f"{thing.split()[0]} {'ABC'[i]}" for i in range(k)]
     more = rng.deal("thermal", [True, False])
     answer = labels[temps.index(max(temps) if more else min(temps))]
-    hint = (f"Each {thing} has the same mass. " +
-            " ".join(f"{l.capitalize()} is at {t} degrees Celsius." for l, t in zip(labels, temps)))
+    hint = (f"Same mass. " + " ".join(f"{l.capitalize()} is at {t} C." for l, t in zip(labels, temps)))
     amount = ("more" if more else "less") if k == 2 else ("the most" if more else "the least")
     return Q(f"Which {thing.split()[0]} has {amount} thermal energy?", labels, answer, hint=hint,
              solution=f"With the same mass, the {'hotter' if more else 'colder'} object has {'more' if more else 'less'} thermal energy.")
@@ -709,12 +708,27 @@ PICTURE_TYPES = [q_relation, q_extreme, q_colour_beside, q_count, q_compare_coun
 DESCRIBABLE = [f for f in PICTURE_TYPES if f not in (q_nearest, q_map_direction)]
 
 
+LOOKUP_WORDS = sorted({w for ws in WORD_KINDS.values() for w in ws} | set(DICTIONARY) | set(SHAPES) | set(COLOURS)
+                      | set(DIRECTIONS) | set(NAMES) | set(TOWNS) | {"yes", "no", "attract", "repel"} | set(MIXES))
+
+
+def q_lookup(rng):
+    """Pretraining only: find a word among the options (the lettered-choice format itself, no knowledge)."""
+    words = rng.sample(LOOKUP_WORDS, rng.randint(2, 4))
+    want = rng.choice(words)
+    return Q(rng.choice([f"Which option is {want}?", f'Which choice says "{want}"?', f"Find {want}."]), words, want,
+             solution=f"The option that says {want}.")
+
+
 def text_corpus(seed: int, n: int) -> list[str]:
-    """n toy documents: described pictures with questions, text/hint questions, plain sentences.
+    """n toy documents: questions in the fine-tuning format (text and hint questions; pictures described in
+    words; lookups of a word among the options), captions, pictures in words and lessons.
 
     Questions are complete fine-tuning sequences (prompt + target, model/data.py), so the pretrained
     decoder knows the language and the answer format; picture questions carry the picture *in words*
-    in the context, so at fine-tuning time (context "N/A") only the image can answer them.
+    in the context, so at fine-tuning time (context "N/A") only the image can answer them. The lookup
+    questions ("Which option is blue?") are short and teach the one skill every answer needs, reading
+    the letter of a choice, as an instruction-tuned LLaMA already can.
     """
     from model.data import scienceqa_prompt, scienceqa_target
     rng = Rng(seed)
@@ -722,20 +736,23 @@ def text_corpus(seed: int, n: int) -> list[str]:
     docs = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.75:                   # a question: 40% about a picture in words, 35% text or hint
-            if r < 0.4:
+        if r < 0.9:                    # a question: 10% a picture in words, 50% text or hint, 30% lookup
+            if r < 0.1:
                 q = rng.choice(DESCRIBABLE)(rng)
                 context = (q.hint + " " if q.hint else "") + describe(q.scene, q.kind)
-            else:
+            elif r < 0.6:
                 t = rng.choices(text_types, weights=[t.weight for t in text_types])[0]
                 q = t.make(rng)
                 context = q.hint
+            else:
+                q = q_lookup(rng)
+                context = ""
             choices = shuffle_choices(rng, q)
             docs.append(scienceqa_prompt(q.question, choices, context) + scienceqa_target(choices.index(q.answer)))
-        elif r < 0.9:                  # plain sentences: captions, pictures in words, lessons
+        elif r < 0.95:                 # plain sentences: captions, pictures in words, lessons
             _, objects = draw_scene(rng)
             docs.append(" ".join(c[0].upper() + c[1:] + "." for c in coco_captions(rng, objects)))
-        elif r < 0.95:
+        elif r < 0.975:
             kind = rng.choice(["shapes", "map"])
             docs.append(describe(draw_scene(rng, kind)[1], kind))
         else:
