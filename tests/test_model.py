@@ -140,7 +140,7 @@ def test_multilevel_fusion_is_the_mean_of_the_projectors():
     feats = [torch.randn(2, cfg.vit.n_patches, cfg.vit.width) for _ in cfg.lsrm.taps]
     with torch.no_grad():
         z = model.memory.encode(feats, torch.ones(2))
-        expected = sum(p(x) for p, x in zip(model.memory.projectors, feats)) / len(feats) * 0.01
+        expected = sum(p(x) for p, x in zip(model.memory.projectors, feats)) / len(feats) * cfg.lsrm.feature_scale
     torch.testing.assert_close(z[:, :cfg.vit.n_patches], expected)
 
 

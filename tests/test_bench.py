@@ -1,0 +1,56 @@
+"""`lsrm.py bench --quick` end to end: every row is present with sensible fields. No timing assertions:
+the numbers depend on the machine and its load, only their shape and sign are checked here."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ["train_step", "generate", "kv_cache", "decoder_vs_hf", "vit_vs_hf", "lowest_selection", "peak_memory"]
+NEEDS_TRANSFORMERS = {"decoder_vs_hf", "vit_vs_hf"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "lsrm.py"), "bench", "--quick", "--threads", "1", "--out", out],
+                       capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_machine_description(result):
+    m = result[0]["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and m["torch"] and m["threads"] == 1 and "cpu" in m["devices"]
+    assert result[0]["reps"] == 1
+
+
+def test_every_row_present_with_sensible_fields(result):
+    data, stdout = result
+    rows = {(r["name"], r["device"]): r for r in data["rows"]}
+    has_hf = importlib.util.find_spec("transformers") is not None
+    assert {r["config"] for r in data["rows"]} == {"tiny"}
+    for name in ROWS:
+        r = rows[(name, "cpu")]
+        assert name in stdout
+        if name in NEEDS_TRANSFORMERS and not has_hf:
+            assert "transformers" in r["skipped"]
+            continue
+        assert "skipped" not in r, r
+        for key in ("a_value", "b_value", "ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
+        assert r["a"] and r["b"] and r["unit"]
+        if r["target"] is not None:
+            assert r["met"] == (r["ratio"] <= r["target"])
+    assert set(n for n, _ in rows) == set(ROWS)
+
+
+def test_same_weights_as_transformers(result):
+    pytest.importorskip("transformers")
+    rows = {r["name"]: r for r in result[0]["rows"]}
+    assert rows["decoder_vs_hf"]["max_abs_diff"] < 1e-3       # identical weights: identical outputs
+    assert rows["vit_vs_hf"]["max_abs_diff"] < 1e-3
