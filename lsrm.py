@@ -46,7 +46,16 @@ def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
 
 
 def resolve(path: str) -> Path:
-    """Relative data paths are relative to the working directory, else to the repository."""
+    """Relative data paths are relative to the working directory, else to the repository;
+    `pkg:NAME/FILE` is a file shipped inside an installed Python package."""
+    if path.startswith("pkg:"):
+        import importlib.util
+        name, _, rest = path[4:].partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"{path}: the package {name!r} is not installed (pip install --no-deps "
+                            f"{name.replace('_', '-')})")
+        return Path(list(spec.submodule_search_locations)[0]) / rest
     p = Path(path)
     return p if p.is_absolute() or p.exists() else ROOT / p
 
@@ -69,8 +78,21 @@ def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
     if t.vit_weights and t.llm_weights:         # real checkpoints, straight into `dtype` on `device`
         from model.weights import load_pretrained
         return load_pretrained(cfg, resolve(t.vit_weights), resolve(t.llm_weights), device=device, dtype=dtype)
-    if t.vit_weights or t.llm_weights:
-        raise UserError("set both train.vit_weights and train.llm_weights (or neither, for the tiny preset)")
+    if t.vit_weights:
+        raise UserError("train.vit_weights needs train.llm_weights too (only the tiny ViT can be pretrained here)")
+    if t.llm_weights:                           # `small`: the tiny pretrained ViT + a real decoder
+        if cfg.vit != C.get_config("tiny").vit:
+            raise UserError(f"config {cfg.name!r} needs train.vit_weights (its ViT is not the tiny one)")
+        from model.pretrain import pretrained_vit
+        from model.weights import load_llama, materialize
+        model = build(cfg, device="meta")
+        load_llama(model.llama, resolve(t.llm_weights), device=device, dtype=dtype)
+        vit = pretrained_vit(cfg, log=log)
+        missing, unexpected = model.visual.load_state_dict(
+            {k[len("visual."):]: v.to(dtype) for k, v in vit.items()}, strict=False, assign=True)
+        if unexpected or any(".adapter." not in k for k in missing):   # only the adapters may be absent
+            raise UserError(f"the cached tiny ViT does not fit config {cfg.name!r}: {(missing + unexpected)[:3]}")
+        return materialize(model, device=device, dtype=dtype)
     elif not t.pretrained:
         torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
         model = build(cfg)                        # for smoke tests only

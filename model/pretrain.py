@@ -170,22 +170,37 @@ def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Ten
     return lm.state_dict()
 
 
-def cache_key(cfg: Config) -> str:
-    vit = {k: v for k, v in dataclasses.asdict(cfg.vit).items() if not k.startswith("adapter")}
-    blob = json.dumps([vit, dataclasses.asdict(cfg.llama), VIT_RECIPE, LM_RECIPE, cfg.train.preprocess,
-                       hashlib.sha256(GENERATOR.read_bytes()).hexdigest(), torch.__version__], sort_keys=True)
+def _key(*parts) -> str:
+    blob = json.dumps([*parts, hashlib.sha256(GENERATOR.read_bytes()).hexdigest(), torch.__version__],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, torch.Tensor]:
+    from .train import atomic_save
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    log(f"pretraining {path.stem.split('-')[0]} (once; cached in {path})")
+    state = make()
+    atomic_save(state, path)
+    return state
+
+
+def pretrained_vit(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache", log: Callable = print) -> dict:
+    """The tiny ViT's pretrained weights ('visual.*'), cached by everything they depend on."""
+    vit = {k: v for k, v in dataclasses.asdict(cfg.vit).items() if not k.startswith("adapter")}
+    path = Path(cache_dir) / f"vit-{_key(vit, VIT_RECIPE, cfg.train.preprocess)}.pt"
+    return _cached(path, lambda: {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess,
+                                                                             log).items()}, log)
+
+
+def pretrained_llm(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache", log: Callable = print) -> dict:
+    """The tiny decoder's pretrained weights ('llama.*'), cached likewise."""
+    path = Path(cache_dir) / f"lm-{_key(dataclasses.asdict(cfg.llama), LM_RECIPE)}.pt"
+    return _cached(path, lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, log).items()}, log)
 
 
 def pretrained_backbones(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache",
                          log: Callable = print) -> dict[str, torch.Tensor]:
     """{'visual.*', 'llama.*'} tensors of the tiny backbones, pretrained once and cached."""
-    from .train import atomic_save
-    path = Path(cache_dir) / f"backbones-{cfg.name}-{cache_key(cfg)}.pt"
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    log(f"pretraining the tiny backbones (once; cached in {path})")
-    state = {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess, log).items()}
-    state.update({f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, log).items()})
-    atomic_save(state, path)
-    return state
+    return {**pretrained_vit(cfg, cache_dir, log), **pretrained_llm(cfg, cache_dir, log)}

@@ -62,10 +62,10 @@ def answer_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, frozen_dtype: torch.dtype = torch.float32):
+    """bf16 autocast on CUDA, and on CPU when the frozen weights are bf16; else full precision."""
+    if device.type == "cuda" or frozen_dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -195,6 +195,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     total = steps_per_epoch * t.epochs
 
     torch.manual_seed(t.seed)
+    frozen = model.llama.norm.weight.dtype
     opt = make_optimizer(model, cfg)
     ckpt_path = out_dir / "checkpoint.pt"
     step = 0
@@ -237,7 +238,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
         loss_sum = torch.zeros((), device=device)
         for k, b in enumerate(batches):
             sync = k == len(batches) - 1 or world == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device):
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, frozen):
                 images = b["images"].to(device) if b["has_image"].any() else None    # text-only: skip the ViT
                 logits = ddp(b["tokens"].to(device), images, b["has_image"].to(device), inheritable=on)
                 loss = answer_loss_sum(logits, b["targets"].to(device))

@@ -70,8 +70,8 @@ class BottleneckAdapter(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.scale = scale
 
-    def forward(self, x):
-        return self.scale * self.fc2(self.drop(F.gelu(self.fc1(x))))
+    def forward(self, x):                        # trainable fp32 beside frozen bf16/fp16 weights
+        return (self.scale * self.fc2(self.drop(F.gelu(self.fc1(x.to(self.fc1.weight.dtype)))))).to(x.dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
