@@ -50,7 +50,8 @@ def test_every_row_present_with_sensible_fields(result):
 
 
 def test_same_weights_as_transformers(result):
-    pytest.importorskip("transformers")
+    from conftest import need
+    need("transformers")
     rows = {r["name"]: r for r in result[0]["rows"]}
     assert rows["decoder_vs_hf"]["max_abs_diff"] < 1e-3       # identical weights: identical outputs
     assert rows["vit_vs_hf"]["max_abs_diff"] < 1e-3

