@@ -27,7 +27,7 @@ from model.metrics import format_table
 from model.tokenizer import ByteTokenizer
 from model.train import (CheckpointError, backbone_fingerprint, default_device, distributed, fmt_time,
                          inheritable_at, load_adapters, load_checkpoint, train)
-from model.vlm import LSRM, build, cast_frozen, param_groups
+from model.vlm import LSRM, build, cast_frozen, is_adapter, param_groups
 
 ROOT = Path(__file__).resolve().parent
 
@@ -70,6 +70,24 @@ def make_tokenizer(cfg: C.Config):
     return load_tokenizer(resolve(cfg.train.tokenizer))
 
 
+def rank0_first(make):
+    """Under torchrun, rank 0 runs `make` first (pretraining into the shared cache); the others then read it."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        torch.distributed.barrier()
+    out = make()
+    if rank == 0 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def load_cached(module: torch.nn.Module, state: dict, what: str, **kw) -> None:
+    """Load pretrained tiny weights: every key must match; only adapters may be absent (they start fresh)."""
+    missing, unexpected = module.load_state_dict(state, strict=False, **kw)
+    if unexpected or not all(is_adapter(k) for k in missing):
+        raise UserError(f"the cached {what} does not fit this config: {(unexpected + missing)[:3]}")
+
+
 def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
     """The frozen backbones (tiny: pretrained here, cached; else from checkpoint files) + fresh adapters."""
     t = cfg.train
@@ -87,31 +105,18 @@ def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
         from model.weights import load_llama, materialize
         model = build(cfg, device="meta")
         load_llama(model.llama, resolve(t.llm_weights), device=device, dtype=dtype)
-        vit = pretrained_vit(cfg, log=log)
-        missing, unexpected = model.visual.load_state_dict(
-            {k[len("visual."):]: v.to(dtype) for k, v in vit.items()}, strict=False, assign=True)
-        if unexpected or any(".adapter." not in k for k in missing):   # only the adapters may be absent
-            raise UserError(f"the cached tiny ViT does not fit config {cfg.name!r}: {(missing + unexpected)[:3]}")
+        vit = rank0_first(lambda: pretrained_vit(cfg, log=log))
+        load_cached(model.visual, {k[len("visual."):]: v.to(dtype) for k, v in vit.items()}, "tiny ViT", assign=True)
         return materialize(model, device=device, dtype=dtype)
-    elif not t.pretrained:
+    if not t.pretrained:
         torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
         model = build(cfg)                        # for smoke tests only
     else:
         if cfg.name != "tiny":
             raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
         from model.pretrain import pretrained_backbones
-        rank = int(os.environ.get("RANK", 0))
-        if rank != 0:                             # rank 0 pretrains (or reads the cache) first
-            torch.distributed.barrier()
-        state = pretrained_backbones(cfg, log=log)
-        if rank == 0 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
         model = build(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed = {n for n, _ in model.named_parameters() if n.startswith("memory.") or ".adapter." in n}
-        if unexpected or set(missing) - allowed:
-            raise UserError(f"pretrained backbone cache does not fit config {cfg.name}: "
-                            f"{sorted(set(missing) - allowed)[:3]} {unexpected[:3]}")
+        load_cached(model, rank0_first(lambda: pretrained_backbones(cfg, log=log)), "tiny backbones")
     return cast_frozen(model, dtype).to(device)
 
 
