@@ -67,7 +67,11 @@ def make_tokenizer(cfg: C.Config):
     if not cfg.train.tokenizer:
         return ByteTokenizer()
     from model.tokenizer import load_tokenizer
-    return load_tokenizer(resolve(cfg.train.tokenizer))
+    path = resolve(cfg.train.tokenizer)
+    tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.llama.vocab_size:
+        raise UserError(f"{path}: {tok.vocab_size} tokens, more than the decoder's vocab_size={cfg.llama.vocab_size}")
+    return tok
 
 
 def rank0_first(make):
@@ -116,7 +120,7 @@ def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
             raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
         from model.pretrain import pretrained_backbones
         model = build(cfg)
-        load_cached(model, rank0_first(lambda: pretrained_backbones(cfg, log=log)), "tiny backbones")
+        load_cached(model, rank0_first(lambda: pretrained_backbones(cfg, make_tokenizer(cfg), log=log)), "tiny backbones")
     return cast_frozen(model, dtype).to(device)
 
 

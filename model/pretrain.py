@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from .config import Config, LlamaConfig, ViTConfig
 from .data import preprocess_image
 from .llama import Transformer
-from .tokenizer import ByteTokenizer
 from .vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
 
-VIT_RECIPE = dict(seed=1234, pool=6000, steps=300, batch=32, lr=2e-3, weight_decay=0.05)
-LM_RECIPE = dict(seed=4321, docs=20000, steps=300, batch=32, seq_len=256, lr=3e-3, weight_decay=0.1,
+VIT_RECIPE = dict(seed=1234, pool=6000, steps=1200, batch=32, lr=2e-3, weight_decay=0.05)
+LM_RECIPE = dict(seed=4321, docs=20000, steps=600, batch=32, seq_len=128, lr=3e-3, weight_decay=0.1,
                  answer_weight=10.0)
 
 
@@ -100,15 +99,25 @@ def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print) -> dict
     return vit.state_dict()
 
 
-ANSWER_MARK = b"Response: The answer is "
+ANSWER_MARK = "Response: The answer is"
 
 
-def pack_documents(docs: list[str], seq_len: int, answer_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_index(tok, doc: str, ids: list[int]) -> int | None:
+    """Index in `ids` (doc encoded with BOS) of the answer letter of a question document, else None."""
+    at = doc.find(ANSWER_MARK)
+    if at < 0:
+        return None
+    k = len(tok.encode(doc[:at + len(ANSWER_MARK)], bos=True))
+    while k < len(ids) and not tok.decode([ids[k]]).strip():       # bytes: the space before the letter
+        k += 1
+    return k if k < len(ids) else None
+
+
+def pack_documents(docs: list[str], tok, seq_len: int, answer_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Document-aligned rows: whole documents (BOS ... EOS) packed greedily into rows of seq_len + 1
     tokens, never split across rows, the rest padded. Returns tokens (R, L + 1) and per-target loss
     weights (R, L): 0 on padding, `answer_weight` on the answer letter of a question document, else 1.
     Documents longer than a row are dropped."""
-    tok = ByteTokenizer()
     rows, weights, row, w = [], [], [], []
 
     def flush():
@@ -123,10 +132,9 @@ def pack_documents(docs: list[str], seq_len: int, answer_weight: float) -> tuple
         if len(ids) > seq_len + 1:
             continue
         dw = [1.0] * len(ids)
-        raw = d.encode("utf-8")
-        at = raw.find(ANSWER_MARK)
-        if at >= 0:
-            dw[1 + at + len(ANSWER_MARK)] = answer_weight     # +1: the BOS in front
+        k = answer_index(tok, d, ids)
+        if k is not None:
+            dw[k] = answer_weight
         if len(row) + len(ids) > seq_len + 1:
             flush()
         row += ids
@@ -135,8 +143,8 @@ def pack_documents(docs: list[str], seq_len: int, answer_weight: float) -> tuple
     return torch.tensor(rows), torch.tensor(weights)
 
 
-def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Tensor]:
-    """A byte-level language model on the toy corpus, in document-aligned packed rows.
+def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print) -> dict[str, torch.Tensor]:
+    """A language model (tokens of `tok`) on the toy corpus, in document-aligned packed rows.
 
     The answer letter of each question document is weighted `answer_weight` times in the loss (it is one
     byte of ~150-300): the tiny analogue of the instruction tuning a chat LLaMA/Vicuna has had, so that
@@ -144,7 +152,7 @@ def pretrain_llm(cfg: LlamaConfig, log: Callable = print) -> dict[str, torch.Ten
     """
     r = LM_RECIPE
     docs = _world().text_corpus(r["seed"], r["docs"])
-    rows, weights = pack_documents(docs, r["seq_len"], r["answer_weight"])
+    rows, weights = pack_documents(docs, tok, r["seq_len"], r["answer_weight"])
     torch.manual_seed(r["seed"])
     lm = Transformer(cfg)
     opt = torch.optim.AdamW(lm.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.95))
@@ -194,13 +202,14 @@ def pretrained_vit(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache", log: 
                                                                              log).items()}, log)
 
 
-def pretrained_llm(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache", log: Callable = print) -> dict:
-    """The tiny decoder's pretrained weights ('llama.*'), cached likewise."""
-    path = Path(cache_dir) / f"lm-{_key(dataclasses.asdict(cfg.llama), LM_RECIPE)}.pt"
-    return _cached(path, lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, log).items()}, log)
+def pretrained_llm(cfg: Config, tok, cache_dir: Path = ROOT / "runs" / "cache", log: Callable = print) -> dict:
+    """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, cached likewise."""
+    vocab = hashlib.sha256(b"\0".join(getattr(tok, "pieces", [b"bytes"]))).hexdigest()
+    path = Path(cache_dir) / f"lm-{_key(dataclasses.asdict(cfg.llama), LM_RECIPE, vocab)}.pt"
+    return _cached(path, lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
 
 
-def pretrained_backbones(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache",
+def pretrained_backbones(cfg: Config, tok, cache_dir: Path = ROOT / "runs" / "cache",
                          log: Callable = print) -> dict[str, torch.Tensor]:
     """{'visual.*', 'llama.*'} tensors of the tiny backbones, pretrained once and cached."""
-    return {**pretrained_vit(cfg, cache_dir, log), **pretrained_llm(cfg, cache_dir, log)}
+    return {**pretrained_vit(cfg, cache_dir, log), **pretrained_llm(cfg, tok, cache_dir, log)}

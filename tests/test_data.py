@@ -14,7 +14,11 @@ from PIL import Image
 
 from model.data import (CAPTION_PROMPT, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, DataError, VLDataset,
                         check_images, collate, load_image, read_coco, read_scienceqa)
-from model.tokenizer import ByteTokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.pretrain import answer_index
+from model.tokenizer import ByteTokenizer, WordTokenizer, load_tokenizer
 from tiny_data import draw_scene, text_corpus
 from tiny_data import make_tiny_data as gen
 
@@ -51,6 +55,7 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_committed_files_equal_a_regeneration(tmp_path):
     gen.main(tmp_path)
+    assert (tmp_path / "words.txt").read_bytes() == (ROOT / "tiny_data" / "words.txt").read_bytes()
     for name in ("scienceqa", "coco"):
         new, old = files(tmp_path / name), files(ROOT / "tiny_data" / name)
         assert new.keys() == old.keys(), f"{name}: files differ; rerun python tiny_data/make_tiny_data.py"
@@ -145,8 +150,10 @@ def test_answers_are_balanced(sqa):
         letters = collections.defaultdict(collections.Counter)
         for e in sqa[split]:
             letters[len(e.info["choices"])][e.info["answer"]] += 1
-        for k, counts in letters.items():                  # each letter within 5% of 1/k
-            assert max(counts.values()) <= 1.05 * sum(counts.values()) / k + 1, (split, k, counts)
+        # choices keep a fixed order per question type, so letters are only as even as the answers dealt
+        # within each choice set: each letter within 15% of 1/k
+        for k, counts in letters.items():
+            assert len(counts) == k and max(counts.values()) <= 1.15 * sum(counts.values()) / k + 1, (split, k, counts)
     # within a category with few distinct answers (yes/no, 0-3, colours, directions), all equally often
     by_category = collections.defaultdict(collections.Counter)
     for p in problems.values():
@@ -366,3 +373,45 @@ def test_bad_coco(tmp_path):
     file.write_text("{")
     raises(lambda: read_coco(root, "test"), "dataset_coco.json", "invalid JSON")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny presets' tokenizer: bytes plus the words of tiny_data/words.txt
+
+WORDS = WordTokenizer(ROOT / "tiny_data" / "words.txt")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_word_tokenizer_round_trips_any_text(text):
+    ids = WORDS.encode(text, bos=True, eos=True)
+    assert ids[0] == WORDS.bos_id and ids[-1] == WORDS.eos_id and all(0 <= i < WORDS.vocab_size for i in ids)
+    assert WORDS.decode(ids) == text
+
+
+def test_word_tokenizer_reads_the_toy_language_in_words(sqa):
+    e = sqa["test"][0]
+    text = e.prompt + e.target
+    ids = WORDS.encode(text)
+    assert len(ids) * 2.5 < len(TOK.encode(text))                   # ~3.3x fewer tokens than bytes
+    assert [WORDS.decode([i]) for i in WORDS.encode(" The answer is B.")] == [" The", " answer", " is", " B", "."]
+    assert load_tokenizer(ROOT / "tiny_data" / "words.txt").encode(text) == ids
+    assert WORDS.vocab_size <= 1024                                  # the tiny decoder's vocab_size
+
+
+def test_word_list_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "words.txt"
+    bad.write_text('" red"\nnot json\n')
+    with pytest.raises(ValueError, match=r"words.txt: line 2 is not a JSON string"):
+        WordTokenizer(bad)
+    bad.write_text('" red"\n" red"\n')
+    with pytest.raises(ValueError, match="repeats a word"):
+        WordTokenizer(bad)
+
+
+@pytest.mark.parametrize("tok", [TOK, WORDS], ids=["bytes", "words"])
+def test_pretraining_weights_the_answer_letter(tok):
+    doc = "Question: Q?\nContext: N/A\nOptions: (A) x (B) y\nResponse: The answer is B."
+    ids = tok.encode(doc, bos=True, eos=True)
+    assert tok.decode([ids[answer_index(tok, doc, ids)]]).strip() == "B"
+    assert answer_index(tok, "A caption.", tok.encode("A caption.", bos=True)) is None

@@ -36,7 +36,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:          # `python tiny_data/make_tiny_data.py` must find `model` (text_corpus)
     sys.path.insert(0, str(ROOT))
 
-SCIENCEQA_SEED, COCO_SEED = 2511, 8238
+SCIENCEQA_SEED, COCO_SEED, WORDS_SEED = 2511, 8238, 1108
 SCIENCEQA_SIZES = {"train": 2400, "val": 400, "test": 800}
 COCO_SIZES = {"train": 450, "restval": 150, "val": 100, "test": 150}
 
@@ -567,6 +567,43 @@ def shuffle_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
     return others
 
 
+# Fixed natural order of the choices (instead of shuffling): yes before no, counts ascending, colours
+# in the palette order (then the other paint/word colours), shapes as in SHAPES, directions N S E W,
+# attract/repel, good/service; an object phrase ("the red circle", "the blue shape", "the square") by
+# (colour, shape) in that order; anything else (names, towns, words, "cup A") alphabetically.
+CANONICAL = (["yes", "no", "0", "1", "2", "3"] + list(COLOURS) + ["orange", "purple", "pink", "brown", "white"]
+             + list(SHAPES) + ["oval", "star"] + DIRECTIONS + ["attract", "repel", "a good", "a service"])
+
+
+def canonical_key(choice: str):
+    if choice in CANONICAL:
+        return (0, CANONICAL.index(choice), "")
+    words = choice.split()
+    if words and words[0] == "the" and (words[-1] in SHAPES or words[-1] == "shape"):
+        colour = words[1] if len(words) == 3 else ""
+        ranks = (CANONICAL.index(colour) if colour else len(CANONICAL),
+                 CANONICAL.index(words[-1]) if words[-1] in SHAPES else len(CANONICAL))
+        return (1, ranks, choice)
+    return (2, 0, choice.lower())
+
+
+def canonical_choices(q: Q) -> list[str]:
+    """The choices in their fixed natural order: the answer's letter is a function of the choice set."""
+    return sorted(q.choices, key=canonical_key)
+
+
+def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
+    """Choices in the fixed natural order, except where that order would give the answer away (which word
+    comes first/last alphabetically): those are shuffled with balanced letters.
+
+    Why fixed: reading an arbitrary option list to find the letter of an answer (a content -> letter
+    lookup) is a skill a ~1M-parameter decoder does not learn in the minutes of pretraining the tiny path
+    allows (measured: at chance after 1,000 steps); with a fixed order the letter follows from the answer."""
+    if q.question.endswith("in alphabetical order?"):
+        return shuffle_choices(rng, q, deck)
+    return canonical_choices(q)
+
+
 def caption(q: Q, rng: random.Random) -> str:
     """A coarse caption (objects, no positions) like ScienceQA's machine captions."""
     objects = rng.sample(q.scene, len(q.scene))
@@ -592,7 +629,7 @@ def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int
     for i, split in enumerate(order, start=1):
         pid, t = str(i), next(plan[split])
         q = t.make(rng)
-        choices = shuffle_choices(rng, q, deck=split)          # balanced letters in every split
+        choices = order_choices(rng, q, deck=split)
         problems[pid] = dict(question=q.question, choices=choices, answer=choices.index(q.answer), hint=q.hint,
                              image="image.png" if q.scene else None, task=t.task,
                              grade=f"grade{rng.randint(*t.grades)}", subject=t.subject, topic=t.topic,
@@ -747,7 +784,7 @@ def text_corpus(seed: int, n: int) -> list[str]:
             else:
                 q = q_lookup(rng)
                 context = ""
-            choices = shuffle_choices(rng, q)
+            choices = order_choices(rng, q)
             docs.append(scienceqa_prompt(q.question, choices, context) + scienceqa_target(choices.index(q.answer)))
         elif r < 0.95:                 # plain sentences: captions, pictures in words, lessons
             _, objects = draw_scene(rng)
@@ -782,10 +819,23 @@ def write_json(obj, path: Path, depth: int = 1) -> None:
     path.write_text(dumps(obj, depth) + "\n")
 
 
+def make_words(path: Path, seed: int = WORDS_SEED, docs: int = 4000, min_count: int = 2) -> None:
+    """The tiny presets' word list (model/tokenizer.py WordTokenizer): every multi-byte piece seen at least
+    `min_count` times in a sample of the toy text, sorted. A piece-level vocabulary "trained" on the toy
+    corpus, as BPE vocabularies are trained on theirs."""
+    import re
+    from collections import Counter
+    from model.tokenizer import WordTokenizer
+    counts = Counter(p for d in text_corpus(seed, docs) for p in re.findall(WordTokenizer.PATTERN, d))
+    words = sorted(p for p, c in counts.items() if c >= min_count and len(p.encode("utf-8")) > 1)
+    path.write_text("".join(json.dumps(w) + "\n" for w in words))
+
+
 def main(out: Path = HERE) -> None:
     for name, make in (("scienceqa", make_scienceqa), ("coco", make_coco)):
         shutil.rmtree(out / name, ignore_errors=True)     # no stale files from an older layout
         make(out / name)
+    make_words(out / "words.txt")
 
 
 if __name__ == "__main__":
