@@ -301,28 +301,31 @@ def cmd_ablate(args) -> None:
              for name, o in sweep for s in range(args.sweep_seeds)]
     results: dict[str, list[dict]] = {}
     params: dict[str, int] = {}
-    t0 = time.time()
+    t0, spent = time.time(), 0.0
     for i, (name, c, seed) in enumerate(runs):
         c = C.apply_overrides(C.Config.from_dict(c.to_dict()), [f"train.seed={c.train.seed + seed}"])
         torch.manual_seed(c.train.seed)
-        model = make_model(c, device, log=print)
+        model = make_model(c, device, log=print)          # the first one may pretrain: not counted in the ETA
+        t_run = time.time()
         params[name] = sum(g["trainable"] for g in param_groups(model).values())
         train(c, model, train_data[1], lambda items: collate(items, tokenizer.pad_id),
               Path(args.out) / f"run{i}", log=lambda *a: None, device=device)
         r = evaluate(c, model, tokenizer, c.train.eval_split, device, inheritable_at(c, c.train.epochs - 1),
                      log=None, loaded=test_data)
         results.setdefault(name, []).append(r["metrics"])
-        done = time.time() - t0
+        spent += time.time() - t_run
         print(f"ablate {i + 1}/{len(runs)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
-              f"ETA {fmt_time(done / (i + 1) * (len(runs) - i - 1))}", flush=True)
+              f"ETA {fmt_time(spent / (i + 1) * (len(runs) - i - 1))}", flush=True)
     cols = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
     lines = ["| row | #trainable | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, ms in results.items():
         cells = []
         for col in cols:
             vals = [m[col] for m in ms if m[col] is not None]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}" if vals else "-")
+            if len(vals) > 1:
+                cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}")
+            else:                                         # one seed: no spread to show
+                cells.append(f"{vals[0]:.2f}" if vals else "-")
         lines.append(f"| {name} | {params[name]:,} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     note = (f"\n\n{args.seeds} seed(s) per ladder row, {args.sweep_seeds} per sweep point; "

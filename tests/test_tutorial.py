@@ -44,9 +44,22 @@ BASH = [line for b in blocks("bash") for line in b.replace("\\\n", " ").splitlin
         if line.startswith("python lsrm.py")]
 
 
+@pytest.fixture(scope="module")
+def smoke_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tutorial-run")
+    r = run("python lsrm.py train", [*SMOKE, "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "checkpoint.pt"
+
+
 @pytest.mark.parametrize("command", BASH)
-def test_bash_commands_run(command, tmp_path):
+def test_bash_commands_run(command, tmp_path, request):
+    """train/ablate at smoke size; commands that read a checkpoint read a smoke run's; outputs go to tmp."""
     extra = [*SMOKE, "--out", str(tmp_path)] if command.split()[2] in ("train", "ablate") else []
+    if "--ckpt" in command:
+        ckpt = str(request.getfixturevalue("smoke_ckpt"))
+        command = re.sub(r"--ckpt \S+", lambda m: f"--ckpt {ckpt}", command)
+        command = re.sub(r"--out \S+", lambda m: f"--out {tmp_path}", command)
     r = run(command, extra)
     assert r.returncode == 0, r.stderr[-2000:]
 
