@@ -6,7 +6,7 @@ vlm.py     ViT -> memory -> LLaMA, freezing   weights.py  real checkpoints (CLIP
 train.py   recipe, DDP, checkpoints            pretrain.py the tiny backbones
 data.py    ScienceQA / COCO readers, batching  metrics.py  ScienceQA table, BLEU-4, CIDEr-D
 evaluate.py greedy decoding, evaluation        visualize.py Figures 3 and 5
-tokenizer.py bytes and real tokenizers
+tokenizer.py bytes, bytes + words (tiny), real tokenizers
 """
 from .config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp, PRESETS  # noqa: F401
 from .vlm import LSRM, build  # noqa: F401

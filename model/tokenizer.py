@@ -32,7 +32,7 @@ class WordTokenizer(ByteTokenizer):
     """
     PATTERN = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s"
 
-    def __init__(self, path, vocab_size: int | None = None):
+    def __init__(self, path):
         import json
         import re
         from pathlib import Path

@@ -173,6 +173,7 @@ class Q:
     hint: str = ""
     scene: list[dict] | None = None
     kind: str = "shapes"               # "shapes" or "map" (picture questions only)
+    shuffle: bool = False              # list the choices shuffled: their natural order gives the answer away
 
 
 class Rng(random.Random):
@@ -486,7 +487,8 @@ def q_alphabet(rng):
     first = rng.deal("alphabet", [True, False])
     answer = min(words) if first else max(words)
     return Q(f"Which word comes {'first' if first else 'last'} in alphabetical order?", words, answer,
-             solution=f'Compare the words letter by letter: "{answer}" comes {"first" if first else "last"}.')
+             solution=f'Compare the words letter by letter: "{answer}" comes {"first" if first else "last"}.',
+             shuffle=True)
 
 
 def q_rhyme(rng):
@@ -593,14 +595,14 @@ def canonical_choices(q: Q) -> list[str]:
 
 
 def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
-    """Choices in the fixed natural order, except where that order would give the answer away (which word
-    comes first/last alphabetically): those are shuffled with balanced letters.
+    """Choices in the fixed natural order, except where that order would give the answer away (q.shuffle:
+    which word comes first/last alphabetically): those are shuffled with balanced letters.
 
     Why fixed: reading an arbitrary option list to find the letter of an answer (a content -> letter
     lookup) is a skill a ~1M-parameter decoder does not learn in the minutes of pretraining the tiny path
     allows (measured: at chance after 600 steps of only that); with a fixed order the letter follows from
     the answer."""
-    if q.question.endswith("in alphabetical order?"):
+    if q.shuffle:
         return shuffle_choices(rng, q, deck)
     return canonical_choices(q)
 
