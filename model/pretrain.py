@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from .vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
+CACHE = Path(os.environ.get("LSRM_CACHE") or ROOT / "runs" / "cache")    # the tests use their own
 
 VIT_RECIPE = dict(seed=1234, pool=6000, steps=1200, batch=32, lr=2e-3, weight_decay=0.05)
 LM_RECIPE = dict(seed=4321, docs=20000, steps=600, batch=32, seq_len=128, lr=3e-3, weight_decay=0.1,
@@ -194,7 +196,7 @@ def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, to
     return state
 
 
-def pretrained_vit(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache", log: Callable = print) -> dict:
+def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print) -> dict:
     """The tiny ViT's pretrained weights ('visual.*'), cached by everything they depend on."""
     vit = {k: v for k, v in dataclasses.asdict(cfg.vit).items() if not k.startswith("adapter")}
     path = Path(cache_dir) / f"vit-{_key(vit, VIT_RECIPE, cfg.train.preprocess)}.pt"
@@ -202,14 +204,14 @@ def pretrained_vit(cfg: Config, cache_dir: Path = ROOT / "runs" / "cache", log: 
                                                                              log).items()}, log)
 
 
-def pretrained_llm(cfg: Config, tok, cache_dir: Path = ROOT / "runs" / "cache", log: Callable = print) -> dict:
+def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print) -> dict:
     """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, cached likewise."""
     vocab = hashlib.sha256(b"\0".join(getattr(tok, "pieces", [b"bytes"]))).hexdigest()
     path = Path(cache_dir) / f"lm-{_key(dataclasses.asdict(cfg.llama), LM_RECIPE, vocab)}.pt"
     return _cached(path, lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
 
 
-def pretrained_backbones(cfg: Config, tok, cache_dir: Path = ROOT / "runs" / "cache",
+def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE,
                          log: Callable = print) -> dict[str, torch.Tensor]:
     """{'visual.*', 'llama.*'} tensors of the tiny backbones, pretrained once and cached."""
     return {**pretrained_vit(cfg, cache_dir, log), **pretrained_llm(cfg, tok, cache_dir, log)}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CHILD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ["train_step", "generate", "kv_cache", "decoder_vs_hf", "vit_vs_hf", "lowest_selection", "peak_memory"]
@@ -18,7 +19,7 @@ NEEDS_TRANSFORMERS = {"decoder_vs_hf", "vit_vs_hf"}
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "lsrm.py"), "bench", "--quick", "--threads", "1", "--out", out],
-                       capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                       capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CHILD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tiny_data" / "scienceqa"
@@ -16,7 +17,7 @@ QUICK = ["--set", "train.pretrained=false", "--set", "train.limit=64", "--set", 
 
 def run(*args):
     return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          text=True, cwd=ROOT, env=CHILD_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CHILD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = (ROOT / "tutorial.md").read_text()
@@ -30,7 +31,7 @@ def run(command: str, extra=()):
     argv = shlex.split(command.replace("\\\n", " "))
     assert argv[0] == "python", command
     return subprocess.run([sys.executable, *argv[1:], *extra], cwd=ROOT, capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env=CHILD_ENV)
 
 
 @pytest.mark.parametrize("command,expected", list(console_cases()))
