@@ -365,6 +365,20 @@ def cmd_visualize(args) -> None:
     print(f"answer: {tokenizer.decode(answer)!r}\nwrote {f3}\nwrote {f5}")
 
 
+def cmd_pretrain(args) -> None:
+    """Pretrain the tiny backbones and write the committed files (README: command, torch version, checksums)."""
+    from model.pretrain import BACKBONES, write_backbones
+    cfg = load_config(args.config, args.set)
+    if cfg.vit != C.get_config("tiny").vit:
+        raise UserError(f"config {cfg.name!r}: only the tiny ViT and decoder are pretrained here")
+    torch.set_num_threads(args.threads)          # results depend on the thread count: fix it
+    t0 = time.time()
+    sums = write_backbones(cfg, make_tokenizer(cfg), Path(args.out) if args.out else BACKBONES, smoke=args.smoke)
+    for path, digest in sums.items():
+        print(f"sha256 {digest}  {path}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {fmt_time(time.time() - t0)}")
+
+
 def cmd_params(args) -> None:
     cfg = load_config(args.config, args.set)
     groups = param_groups(build(cfg, device="meta"))       # meta: no memory, no weights
@@ -425,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", required=True, help=r"the prompt text; \n for new lines")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(fn=cmd_generate)
+
+    p = with_set(sub.add_parser("pretrain", help="pretrain the tiny backbones into tiny_data/backbones (committed)"))
+    p.add_argument("--config", default="tiny", help="tiny (the only preset with its own backbones)")
+    p.add_argument("--out", help="directory for vit.pt and lm.pt (default tiny_data/backbones)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the files depend on it; README: 2)")
+    p.add_argument("--smoke", action="store_true", help="a few steps only: files that load (CI)")
+    p.set_defaults(fn=cmd_pretrain)
 
     p = with_set(sub.add_parser("params", help="count trainable and total parameters (built on the meta device)"))
     p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")

@@ -8,12 +8,15 @@
   questions answered from them, text-only and hint questions in the fine-tuning prompt format), drawn
   with a different seed than tiny_data, as LLaMA has read text like ScienceQA's before.
 
-Both are deterministic and cached under runs/cache/ keyed by a hash of everything they depend on.
+Both are deterministic. `python lsrm.py pretrain` writes them to tiny_data/backbones/{vit,lm}.pt, the
+committed files `train` uses (README gives the command, torch version and checksums); a config or recipe
+they do not fit is pretrained instead, once, into runs/cache/ keyed by a hash of everything it depends on.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -34,6 +37,8 @@ from .vit import VisionTransformer
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
 CACHE = Path(os.environ.get("LSRM_CACHE") or ROOT / "runs" / "cache")    # the tests use their own
+BACKBONES = ROOT / "tiny_data" / "backbones"          # committed: written by `python lsrm.py pretrain`
+BACKBONE_FORMAT = "lsrm-tiny-backbone-v1"
 
 VIT_RECIPE = dict(seed=1234, pool=6000, steps=1200, batch=32, lr=2e-3, weight_decay=0.05)
 LM_RECIPE = dict(seed=4321, docs=20000, steps=600, batch=32, seq_len=128, lr=3e-3, weight_decay=0.1,
@@ -62,9 +67,10 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print) -> dict[str, torch.Tensor]:
+def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print,
+                 recipe: dict | None = None) -> dict[str, torch.Tensor]:
     """Multi-label classification of the objects in toy scenes, from ln_post(CLS) @ proj."""
-    r = VIT_RECIPE
+    r = recipe or VIT_RECIPE
     world = _world()
     rng = random.Random(r["seed"])
     scenes = [world.draw_scene(rng) for _ in range(r["pool"])]
@@ -145,14 +151,14 @@ def pack_documents(docs: list[str], tok, seq_len: int, answer_weight: float) -> 
     return torch.tensor(rows), torch.tensor(weights)
 
 
-def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print) -> dict[str, torch.Tensor]:
+def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print, recipe: dict | None = None) -> dict[str, torch.Tensor]:
     """A language model (tokens of `tok`) on the toy corpus, in document-aligned packed rows.
 
     The answer letter of each question document is weighted `answer_weight` times in the loss (it is one
     byte of ~150-300): the tiny analogue of the instruction tuning a chat LLaMA/Vicuna has had, so that
     the frozen decoder already answers questions in the prompt format before any PEFT.
     """
-    r = LM_RECIPE
+    r = recipe or LM_RECIPE
     docs = _world().text_corpus(r["seed"], r["docs"])
     rows, weights = pack_documents(docs, tok, r["seq_len"], r["answer_weight"])
     torch.manual_seed(r["seed"])
@@ -186,6 +192,41 @@ def _key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def vit_fits(cfg: Config, recipe: dict | None = None) -> dict:
+    """Everything the tiny ViT's pretrained weights depend on, besides the toy world itself."""
+    vit = {k: v for k, v in dataclasses.asdict(cfg.vit).items() if not k.startswith("adapter")}
+    return {"vit": vit, "recipe": recipe or VIT_RECIPE, "preprocess": cfg.train.preprocess}
+
+
+def llm_fits(cfg: Config, tok, recipe: dict | None = None) -> dict:
+    """Everything the tiny decoder's pretrained weights depend on, besides the toy world itself."""
+    vocab = hashlib.sha256(b"\0".join(getattr(tok, "pieces", [b"bytes"]))).hexdigest()
+    return {"llama": dataclasses.asdict(cfg.llama), "recipe": recipe or LM_RECIPE, "vocab": vocab}
+
+
+def _plain(x):
+    return json.loads(json.dumps(x))                     # tuples -> lists, as they come back from a file
+
+
+def read_backbone(path: Path, fits: dict, log: Callable = print) -> dict[str, torch.Tensor] | None:
+    """A committed backbone file's tensors, or None (with a one-line note) if it was written for another
+    config or recipe. A damaged file is an error, not a silent re-pretraining."""
+    from .train import CheckpointError
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported in one line
+        raise CheckpointError(f"{path}: not a readable backbone file ({type(e).__name__}); "
+                              f"rewrite it with `python lsrm.py pretrain`") from None
+    if not isinstance(blob, dict) or blob.get("format") != BACKBONE_FORMAT:
+        raise CheckpointError(f"{path}: not an lsrm tiny backbone (expected format {BACKBONE_FORMAT})")
+    if blob["fits"] != _plain(fits):
+        diff = [k for k in fits if blob["fits"].get(k) != _plain(fits[k])]
+        log(f"{path} was written for another {'/'.join(diff)}: pretraining instead "
+            f"(`python lsrm.py pretrain` rewrites it)")
+        return None
+    return {k: v.float() for k, v in blob["state"].items()}
+
+
 def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, torch.Tensor]:
     from .train import atomic_save
     if path.is_file():
@@ -196,22 +237,67 @@ def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, to
     return state
 
 
-def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print) -> dict:
-    """The tiny ViT's pretrained weights ('visual.*'), cached by everything they depend on."""
-    vit = {k: v for k, v in dataclasses.asdict(cfg.vit).items() if not k.startswith("adapter")}
-    path = Path(cache_dir) / f"vit-{_key(vit, VIT_RECIPE, cfg.train.preprocess)}.pt"
+def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print,
+                   committed: Path | None = BACKBONES) -> dict:
+    """The tiny ViT's pretrained weights ('visual.*'): the committed file if it fits, else pretrained once
+    and cached by everything they depend on."""
+    fits = vit_fits(cfg)
+    if committed is not None and (committed / "vit.pt").is_file():
+        state = read_backbone(committed / "vit.pt", fits, log)
+        if state is not None:
+            log(f"ViT: the committed {committed / 'vit.pt'}")
+            return state
+    path = Path(cache_dir) / f"vit-{_key(fits['vit'], VIT_RECIPE, cfg.train.preprocess)}.pt"
     return _cached(path, lambda: {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess,
                                                                              log).items()}, log)
 
 
-def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print) -> dict:
-    """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, cached likewise."""
-    vocab = hashlib.sha256(b"\0".join(getattr(tok, "pieces", [b"bytes"]))).hexdigest()
-    path = Path(cache_dir) / f"lm-{_key(dataclasses.asdict(cfg.llama), LM_RECIPE, vocab)}.pt"
+def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
+                   committed: Path | None = BACKBONES) -> dict:
+    """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, found likewise."""
+    fits = llm_fits(cfg, tok)
+    if committed is not None and (committed / "lm.pt").is_file():
+        state = read_backbone(committed / "lm.pt", fits, log)
+        if state is not None:
+            log(f"decoder: the committed {committed / 'lm.pt'}")
+            return state
+    path = Path(cache_dir) / f"lm-{_key(fits['llama'], LM_RECIPE, fits['vocab'])}.pt"
     return _cached(path, lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
 
 
-def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE,
-                         log: Callable = print) -> dict[str, torch.Tensor]:
-    """{'visual.*', 'llama.*'} tensors of the tiny backbones, pretrained once and cached."""
-    return {**pretrained_vit(cfg, cache_dir, log), **pretrained_llm(cfg, tok, cache_dir, log)}
+def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
+                         committed: Path | None = BACKBONES) -> dict[str, torch.Tensor]:
+    """{'visual.*', 'llama.*'} tensors of the tiny backbones: committed, or pretrained once and cached."""
+    return {**pretrained_vit(cfg, cache_dir, log, committed), **pretrained_llm(cfg, tok, cache_dir, log, committed)}
+
+
+SMOKE = dict(vit=dict(pool=64, steps=4, batch=8), lm=dict(docs=64, steps=4, batch=4))   # CI: seconds, not minutes
+
+
+def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False,
+                    log: Callable = print) -> dict[str, str]:
+    """Pretrain both tiny backbones and write out/{vit,lm}.pt; returns {file: sha256}.
+
+    Deterministic for a given torch build and thread count (`lsrm.py pretrain` fixes the threads): each
+    file is serialised in memory first (torch.save to a path embeds the path's name) and written atomically.
+    `smoke` shrinks both recipes to a few steps: files that load, not weights that know anything."""
+    vit_r = {**VIT_RECIPE, **SMOKE["vit"]} if smoke else VIT_RECIPE
+    lm_r = {**LM_RECIPE, **SMOKE["lm"]} if smoke else LM_RECIPE
+    made = {"vit.pt": (vit_fits(cfg, vit_r), lambda: {f"visual.{k}": v for k, v in
+                                                      pretrain_vit(cfg.vit, cfg.train.preprocess, log, vit_r).items()}),
+            "lm.pt": (llm_fits(cfg, tok, lm_r), lambda: {f"llama.{k}": v for k, v in
+                                                         pretrain_llm(cfg.llama, tok, log, lm_r).items()})}
+    sums = {}
+    for name, (fits, make) in made.items():
+        blob = {"format": BACKBONE_FORMAT, "fits": _plain(fits), "torch": str(torch.__version__),
+                "threads": torch.get_num_threads(),
+                "generator": hashlib.sha256(GENERATOR.read_bytes()).hexdigest(), "state": make()}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        path = Path(out) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+        sums[str(path)] = hashlib.sha256(buf.getvalue()).hexdigest()
+    return sums

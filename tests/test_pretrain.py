@@ -1,0 +1,96 @@
+"""The committed tiny backbones (tiny_data/backbones/{vit,lm}.pt): the command that writes them is
+deterministic, the committed files fit the tiny config and `train` uses them without pretraining, and a
+file that is damaged or written for another config is never used silently."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CHILD_ENV
+
+from model import config as C
+from model import pretrain as P
+from model.tokenizer import WordTokenizer
+from model.train import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = C.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WordTokenizer(ROOT / TINY.train.tokenizer)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=CHILD_ENV)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`lsrm.py pretrain --smoke` twice into two directories."""
+    outs = [tmp_path_factory.mktemp(f"backbones{i}") for i in range(2)]
+    results = [run("pretrain", "--smoke", "--threads", 1, "--out", out) for out in outs]
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return outs, results
+
+
+def test_pretrain_command_is_deterministic_and_prints_checksums(smoke):
+    (a, b), (ra, rb) = smoke
+    for name in ("vit.pt", "lm.pt"):
+        da, db = (a / name).read_bytes(), (b / name).read_bytes()
+        assert da == db                                            # same bytes, whatever the file's name
+        assert f"sha256 {hashlib.sha256(da).hexdigest()}  {a / name}" in ra.stdout
+    assert f"torch {torch.__version__}, 1 thread(s)" in ra.stdout
+
+
+def test_smoke_files_load_with_their_recipe(smoke, tok):
+    out = smoke[0][0]
+    vit = P.read_backbone(out / "vit.pt", P.vit_fits(TINY, {**P.VIT_RECIPE, **P.SMOKE["vit"]}))
+    lm = P.read_backbone(out / "lm.pt", P.llm_fits(TINY, tok, {**P.LM_RECIPE, **P.SMOKE["lm"]}))
+    model = __import__("model.vlm", fromlist=["build"]).build(TINY)
+    missing, unexpected = model.load_state_dict({**vit, **lm}, strict=False)
+    assert not unexpected and all(".adapter." in k or k.startswith("memory.") for k in missing)
+
+
+def test_committed_backbones_fit_the_tiny_config_and_need_no_pretraining(tok, monkeypatch, tmp_path):
+    sizes = [(P.BACKBONES / n).stat().st_size for n in ("vit.pt", "lm.pt")]
+    assert sum(sizes) <= 10 * 2 ** 20                               # the repository's limit: 10 MB together
+
+    def no(*a, **k):
+        raise AssertionError("pretrained although the committed backbones fit")
+    monkeypatch.setattr(P, "pretrain_vit", no)
+    monkeypatch.setattr(P, "pretrain_llm", no)
+    lines = []
+    state = P.pretrained_backbones(TINY, tok, cache_dir=tmp_path, log=lines.append)
+    assert any(k.startswith("visual.") for k in state) and any(k.startswith("llama.") for k in state)
+    assert lines == [f"ViT: the committed {P.BACKBONES / 'vit.pt'}", f"decoder: the committed {P.BACKBONES / 'lm.pt'}"]
+    assert not list(tmp_path.iterdir())                             # nothing pretrained into the cache
+
+
+def test_train_uses_the_committed_backbones(tmp_path):
+    r = run("train", "--out", tmp_path / "run", "--set", "train.limit=32", "--set", "train.epochs=1",
+            "--set", "train.batch_size=16", "--set", "train.eval_split=minitest", "--no-eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the committed" in r.stdout and "pretraining" not in r.stdout
+
+
+def test_a_file_for_another_config_is_not_used(smoke, tok, tmp_path, monkeypatch):
+    out = smoke[0][0]                                   # smoke recipe: does not fit the real one
+    monkeypatch.setattr(P, "pretrain_vit", lambda *a, **k: {"marker": torch.zeros(1)})
+    lines = []
+    state = P.pretrained_vit(TINY, cache_dir=tmp_path, log=lines.append, committed=out)
+    assert set(state) == {"visual.marker"}                          # pretrained (stand-in), not the smoke file
+    assert lines[0] == f"{out / 'vit.pt'} was written for another recipe: pretraining instead " \
+                       f"(`python lsrm.py pretrain` rewrites it)"
+
+
+def test_a_damaged_backbone_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "vit.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"vit\.pt: not a readable backbone file"):
+        P.pretrained_vit(TINY, cache_dir=tmp_path / "cache", committed=tmp_path)
