@@ -22,8 +22,8 @@ import torch
 
 from model import config as C
 from model.data import DataError, VLDataset, check_images, collate, load_image, read_coco, read_scienceqa
-from model.evaluate import evaluate_coco, evaluate_scienceqa, generate
-from model.metrics import format_table
+from model.evaluate import evaluate_coco, evaluate_scienceqa, generate, scienceqa_bounds
+from model.metrics import bounds_table, format_table, gap_closed, type_metrics
 from model.tokenizer import ByteTokenizer
 from model.train import (CheckpointError, backbone_fingerprint, default_device, distributed, fmt_time,
                          inheritable_at, load_adapters, load_checkpoint, train)
@@ -135,17 +135,46 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
     return examples, VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
 
 
-def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print, loaded=None) -> dict:
+def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print, loaded=None,
+             bounds: bool = True) -> dict:
+    """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type") and, with `bounds`,
+    the frozen decoder alone without the picture ("blind") and with it in words ("oracle")."""
     examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data)
     fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
     metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, inheritable, log=log)
-    return {"split": split, "n": len(examples), "metrics": metrics, "records": records}
+    result = {"split": split, "n": len(examples), "metrics": metrics, "records": records}
+    if cfg.train.task != "scienceqa":
+        return result
+    by_type = result["by_type"] = type_metrics(records)
+    pictures = [r for r in records if r["has_image"]]
+    img = {"acc": metrics["IMG"], "n": len(pictures), "image": True,
+           "chance": 100.0 * sum(1 / r["n_choices"] for r in pictures) / len(pictures) if pictures else None}
+    result["summary"] = {"IMG": img}
+    if bounds:
+        b = scienceqa_bounds(model, examples, lambda exs: VLDataset(exs, tokenizer, cfg.vit.image_size,
+                             cfg.train.preprocess, cfg.train.max_len), tokenizer, device, cfg.train.eval_batch)
+        blind, oracle = b["blind"], b["oracle"]
+        result["bounds"] = {"blind": blind[0], "oracle": oracle[0] if oracle else None}
+        result["why_no_oracle"] = b["why_no_oracle"]
+        blind_t, oracle_t = type_metrics(blind[1]), type_metrics(oracle[1]) if oracle else {}
+        for k, t in by_type.items():                   # the oracle is about pictures: text types have none
+            t.update(blind=blind_t[k]["acc"], oracle=oracle_t[k]["acc"] if t["image"] and k in oracle_t else None)
+        img.update(blind=blind[0]["IMG"], oracle=oracle[0]["IMG"] if oracle else None)
+        result["gap_closed"] = {k: gap_closed(t["acc"], t["blind"], t["oracle"])
+                                for k, t in {**by_type, "IMG": img}.items() if t["image"]}
+    return result
 
 
 def report(cfg, result: dict) -> str:
-    if cfg.train.task == "scienceqa":
-        return format_table(result["metrics"], title=f"ScienceQA-format {result['split']} ({result['n']} items)")
-    return "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
+    if cfg.train.task != "scienceqa":
+        return "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
+    out = format_table(result["metrics"], title=f"ScienceQA-format {result['split']} ({result['n']} items)")
+    note = ("blind / oracle: the frozen decoder alone, given the prompt without the picture / with the picture "
+            "in words" if "bounds" in result else "")
+    out += "\n\n" + bounds_table(result["by_type"], result["summary"]) + (f"\n{note}" if note else "")
+    if result.get("why_no_oracle"):
+        out += f"\n{result['why_no_oracle']}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +204,8 @@ def cmd_train(args) -> None:
     if rank != 0 or args.no_eval:
         return
     on = inheritable_at(cfg, cfg.train.epochs - 1)
-    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, on, log=log, loaded=evaluation)
+    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, on, log=log, loaded=evaluation,
+                      bounds=not args.no_bounds)
     result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
@@ -201,7 +231,8 @@ def model_from_checkpoint(path: str, device, overrides=None, log=print):
 def cmd_eval(args) -> None:
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set)
-    result = evaluate(cfg, model, tokenizer, args.split, device, ckpt["inheritable_used"], data=args.data)
+    result = evaluate(cfg, model, tokenizer, args.split, device, ckpt["inheritable_used"], data=args.data,
+                      bounds=not args.no_bounds)
     print(report(cfg, result))
     if args.out:
         Path(args.out).write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
@@ -311,7 +342,7 @@ def cmd_ablate(args) -> None:
         train(c, model, train_data[1], lambda items: collate(items, tokenizer.pad_id),
               Path(args.out) / f"run{i}", log=lambda *a: None, device=device)
         r = evaluate(c, model, tokenizer, c.train.eval_split, device, inheritable_at(c, c.train.epochs - 1),
-                     log=None, loaded=test_data)
+                     log=None, loaded=test_data, bounds=False)
         results.setdefault(name, []).append(r["metrics"])
         spent += time.time() - t_run
         print(f"ablate {i + 1}/{len(runs)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
@@ -424,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after", type=int, help="stop (and checkpoint) after this many steps in total")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("--no-bounds", action="store_true", help="skip the blind and oracle bounds in that evaluation")
     p.set_defaults(fn=cmd_train)
 
     p = with_set(sub.add_parser("eval", help="evaluate a checkpoint"))
@@ -431,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="dataset directory (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--no-bounds", action="store_true", help="skip the blind and oracle bounds (the frozen decoder alone)")
     p.set_defaults(fn=cmd_eval)
 
     p = with_set(sub.add_parser("generate", help="greedy decoding from a checkpoint, streamed"))

@@ -109,7 +109,10 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False) -> list
             id=pid, prompt=scienceqa_prompt(p["question"], p["choices"], context),
             target=scienceqa_target(p["answer"]), image=image,
             info=dict(subject=p["subject"], grade=p["grade"], has_hint=bool(p["hint"].strip()),
-                      has_image=image is not None, answer=p["answer"], choices=list(p["choices"]))))
+                      has_image=image is not None, answer=p["answer"], choices=list(p["choices"]),
+                      question=p["question"], hint=p["hint"].strip(), type=p.get("category") or "(none)",
+                      # the picture in words, for the oracle bound: the toy data has it, ScienceQA does not
+                      description=p.get("description") if isinstance(p.get("description"), str) else None)))
     return examples
 
 

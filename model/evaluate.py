@@ -3,6 +3,10 @@
 ScienceQA (method.md §8): the model reads the prompt followed by " The answer is" and decodes greedily;
 the first capital letter of the continuation is the answer. Prompts are batched by exact token length,
 so no padding enters attention and each batch decodes with one shared position counter.
+
+Bounds (`scienceqa_bounds`): what the visual memory adds is read against the same frozen decoder alone
+(no memory branch, as before any fine-tuning), given the same prompt without the picture (*blind*) and
+given the picture in words as the context (*oracle*, where the data has a "description" per problem).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .data import Example, scienceqa_prompt
 from .metrics import caption_metrics, parse_answer, scienceqa_metrics
 from .vlm import LSRM
 
@@ -22,9 +27,16 @@ ANSWER_PREFIX = " The answer is"
 def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens: int, eos_id: int,
              inheritable: Optional[bool] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None) -> list[list[int]]:
-    """Greedy decoding. tokens (B, T): prompts of equal length; z (B, N, D) their visual memory."""
+    """Greedy decoding. tokens (B, T): prompts of equal length; z (B, N, D) their visual memory, or None for
+    the frozen decoder alone (no memory branch)."""
     B, T = tokens.shape
-    logits = model(tokens, z=z, inheritable=inheritable, use_cache=True, last_only=True)   # prefill (B, 1, V)
+
+    def step(toks: torch.Tensor, pos: int) -> torch.Tensor:
+        if z is None:
+            return model.llama(toks, start_pos=pos, use_cache=True, last_only=True)
+        return model(toks, z=z, inheritable=inheritable, start_pos=pos, use_cache=True, last_only=True)
+
+    logits = step(tokens, 0)                                             # prefill (B, 1, V)
     out = torch.empty(B, 0, dtype=torch.long, device=tokens.device)
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     for i in range(max_new_tokens):
@@ -36,8 +48,7 @@ def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens:
         done |= nxt == eos_id
         if done.all() or T + i + 1 >= model.cfg.llama.max_seq_len:
             break
-        logits = model(nxt[:, None], z=z, inheritable=inheritable, start_pos=T + i, use_cache=True,
-                       last_only=True)
+        logits = step(nxt[:, None], T + i)
     model.llama.reset_cache()
     return [[t for t in row if t != eos_id] for row in out.tolist()]
 
@@ -54,8 +65,9 @@ def _by_length(prompts: list[list[int]], batch: int):
 @torch.no_grad()
 def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens: int, batch: int,
                    device: torch.device, inheritable: Optional[bool] = None,
-                   log: Optional[Callable[[str], None]] = None) -> list[str]:
-    """Greedy continuations of every item's prompt (+ prefix), in dataset order."""
+                   log: Optional[Callable[[str], None]] = None, decoder_only: bool = False) -> list[str]:
+    """Greedy continuations of every item's prompt (+ prefix), in dataset order (decoder_only: the frozen
+    decoder alone, no visual memory)."""
     model.eval()
     extra = tokenizer.encode(prefix) if prefix else []
     items = [dataset[i] for i in range(len(dataset))]
@@ -65,7 +77,9 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
     for idx in _by_length(prompts, batch):
         tokens = torch.tensor([prompts[i] for i in idx], device=device)
         has_image = torch.tensor([items[i]["has_image"] for i in idx], device=device, dtype=torch.float32)
-        if has_image.any():
+        if decoder_only:
+            z = None
+        elif has_image.any():
             images = torch.stack([items[i]["image"] for i in idx]).to(device)
             z = model.encode_images(images, has_image)
         else:
@@ -80,16 +94,41 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
 
 
 def evaluate_scienceqa(model, dataset, examples, tokenizer, device, batch: int = 64,
-                       inheritable: Optional[bool] = None, log=None) -> tuple[dict, list[dict]]:
-    outputs = run_generation(model, dataset, tokenizer, ANSWER_PREFIX, 4, batch, device, inheritable, log)
+                       inheritable: Optional[bool] = None, log=None,
+                       decoder_only: bool = False) -> tuple[dict, list[dict]]:
+    outputs = run_generation(model, dataset, tokenizer, ANSWER_PREFIX, 4, batch, device, inheritable, log,
+                             decoder_only)
     records = []
     for ex, text in zip(examples, outputs):
         pred = parse_answer(text, len(ex.info["choices"]))
         records.append({"id": ex.id, "output": text, "pred": pred, "answer": ex.info["answer"],
                         "correct": pred == ex.info["answer"], "subject": ex.info["subject"],
                         "grade": ex.info["grade"], "has_hint": ex.info["has_hint"],
-                        "has_image": ex.info["has_image"]})
+                        "has_image": ex.info["has_image"], "type": ex.info.get("type", "(none)"),
+                        "n_choices": len(ex.info["choices"])})
     return scienceqa_metrics(records), records
+
+
+def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[list[Example]], object], tokenizer,
+                     device, batch: int = 64) -> dict:
+    """The frozen decoder alone on the same items: *blind* (the same prompt, no picture) and *oracle* (the
+    hint and the picture in words as the context). {"blind": (metrics, records), "oracle": (..) or None,
+    "why_no_oracle": str or None}. The oracle needs every picture item to carry a description."""
+    text_only = [Example(ex.id, ex.prompt, ex.target, None, ex.info) for ex in examples]    # no image to load
+    blind = evaluate_scienceqa(model, make_dataset(text_only), text_only, tokenizer, device, batch,
+                               decoder_only=True)
+    pictures = [ex for ex in examples if ex.info["has_image"]]
+    if not pictures or any(ex.info.get("description") is None for ex in pictures):
+        return {"blind": blind, "oracle": None,
+                "why_no_oracle": "no oracle bound: the data has no 'description' (the picture in words) "
+                                 "for every picture problem" if pictures else "no oracle bound: no picture problems"}
+    described = [Example(ex.id, scienceqa_prompt(ex.info["question"], ex.info["choices"],
+                                                 " ".join(filter(None, [ex.info["hint"], ex.info["description"]]))),
+                         ex.target, None, ex.info) if ex.info["has_image"] else
+                 Example(ex.id, ex.prompt, ex.target, None, ex.info) for ex in examples]
+    oracle = evaluate_scienceqa(model, make_dataset(described), described, tokenizer, device, batch,
+                                decoder_only=True)
+    return {"blind": blind, "oracle": oracle, "why_no_oracle": None}
 
 
 def evaluate_coco(model, dataset, examples, tokenizer, device, batch: int = 64,

@@ -97,6 +97,48 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def type_metrics(records) -> dict[str, dict]:
+    """Accuracy per question type (ScienceQA's `category`): {type: {"acc", "n", "chance", "image"}}, in
+    percent; chance = the mean of 1 / number of choices; image = the type's items have pictures."""
+    out: dict[str, dict] = {}
+    for r in records:
+        t = out.setdefault(_field(r, "type"), {"right": 0, "n": 0, "chance": 0.0, "image": False})
+        t["right"] += bool(_field(r, "correct"))
+        t["n"] += 1
+        t["chance"] += 1.0 / _field(r, "n_choices")
+        t["image"] |= bool(_field(r, "has_image"))
+    return {k: {"acc": 100.0 * t["right"] / t["n"], "n": t["n"], "chance": 100.0 * t["chance"] / t["n"],
+                "image": t["image"]} for k, t in out.items()}
+
+
+def gap_closed(lsrm: float | None, blind: float | None, oracle: float | None) -> float | None:
+    """Share (%) of the blind-to-oracle gap the visual memory closes: 100 (lsrm - blind) / (oracle - blind);
+    None where there is no oracle or no gap to close."""
+    if lsrm is None or blind is None or oracle is None or oracle - blind <= 0:
+        return None
+    return 100.0 * (lsrm - blind) / (oracle - blind)
+
+
+def bounds_table(by_type: dict[str, dict], summary: dict[str, dict]) -> str:
+    """Per question type, picture types first: n, chance, the frozen decoder blind, LSRM, the frozen decoder
+    with the picture in words (oracle), and the gap closed. by_type[t] has n, chance, image, acc and
+    blind/oracle accuracies (oracle None without descriptions); summary has the same for "IMG"."""
+    width = max([len(t) for t in by_type] + [28])
+    head = f"{'question type':{width}} {'n':>5} {'chance':>7} {'blind':>7} {'LSRM':>7} {'oracle':>7} {'gap closed':>11}"
+
+    def row(name, t):
+        g = gap_closed(t["acc"], t.get("blind"), t.get("oracle"))
+        return (f"{name:{width}} {t['n']:>5} {_cell(t['chance']):>7} {_cell(t.get('blind')):>7} "
+                f"{_cell(t['acc']):>7} {_cell(t.get('oracle')):>7} {('-' if g is None else f'{g:.1f}%'):>11}")
+
+    pictures = sorted(k for k, t in by_type.items() if t["image"])
+    texts = sorted(k for k, t in by_type.items() if not t["image"])
+    lines = [head] + [row(k, by_type[k]) for k in pictures]
+    lines += [row("all picture questions (IMG)", summary["IMG"])] if "IMG" in summary else []
+    lines += [row(k, by_type[k]) for k in texts]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Caption tokenisation (coco-caption's PTBTokenizer, approximated)
 

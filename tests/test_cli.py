@@ -57,6 +57,35 @@ def test_generate_streams_text(trained):
     assert r.stdout.endswith("\n")               # random backbones: the text itself is noise
 
 
+def test_evaluation_reports_types_and_the_blind_and_oracle_bounds(trained):
+    out, stdout = trained
+    m = json.loads((out / "metrics.json").read_text())
+    cols = set(m["metrics"])
+    assert set(m["bounds"]["blind"]) == cols and set(m["bounds"]["oracle"]) == cols and m["why_no_oracle"] is None
+    problems = json.loads((DATA / "problems.json").read_text())
+    minitest = json.loads((DATA / "pid_splits.json").read_text())["minitest"]
+    assert sum(t["n"] for t in m["by_type"].values()) == len(minitest) == 200
+    for name, t in m["by_type"].items():
+        items = [problems[p] for p in minitest if problems[p]["category"] == name]
+        assert t["n"] == len(items) and t["image"] == bool(items[0]["image"])
+        assert t["chance"] == pytest.approx(100 * sum(1 / len(p["choices"]) for p in items) / len(items))
+        assert 0 <= t["acc"] <= 100 and 0 <= t["blind"] <= 100 and (t["oracle"] is None) != t["image"]
+    assert "gap closed" in stdout and "all picture questions (IMG)" in stdout
+
+
+def test_no_oracle_without_descriptions(trained, tmp_path):
+    """Real ScienceQA has no "description" field: the oracle row is absent and the output says why."""
+    out, _ = trained
+    root = bad_copy(tmp_path, lambda r: edit_json(r, "problems.json",
+                                                  lambda d: [p.pop("description", None) for p in d.values()]))
+    r = run("eval", "--ckpt", out / "checkpoint.pt", "--data", root, "--split", "minitest", "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["bounds"]["oracle"] is None and m["bounds"]["blind"]["Avg"] is not None
+    assert "no oracle bound: the data has no 'description'" in r.stdout
+    assert all(t["oracle"] is None for t in m["by_type"].values())
+
+
 def test_checkpoint_from_a_different_config_is_refused(trained):
     out, _ = trained
     r = run("eval", "--ckpt", out / "checkpoint.pt", "--set", "lsrm.n_slots=96", "--split", "minitest")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from model.metrics import (bleu, caption_metrics, cider_d, format_table, markdown_table, parse_answer,
-                           scienceqa_metrics, tokenize)
+from model.metrics import (bleu, bounds_table, caption_metrics, cider_d, format_table, gap_closed,
+                           markdown_table, parse_answer, scienceqa_metrics, tokenize, type_metrics)
 
 SETTINGS = settings(max_examples=100, deadline=None)
 PAPER_COLUMNS = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
@@ -91,6 +91,29 @@ def test_tables():
 
 # ---------------------------------------------------------------------------------------------
 # tokeniser: outputs of coco-caption's PTBTokenizer (Java), recorded
+
+def test_type_metrics_and_the_bounds_table():
+    def rec(t, correct, n, image):
+        return dict(type=t, correct=correct, n_choices=n, has_image=image)
+    records = ([rec("Left of", c, 2, True) for c in (1, 1, 1, 0)] +
+               [rec("Colours", c, n, True) for c, n in ((1, 4), (0, 4), (0, 2))] + [rec("Rhymes", 1, 3, False)])
+    t = type_metrics(records)
+    assert t["Left of"] == {"acc": 75.0, "n": 4, "chance": 50.0, "image": True}
+    assert t["Colours"]["acc"] == pytest.approx(100 / 3) and t["Colours"]["chance"] == pytest.approx(100 / 3)
+    assert t["Rhymes"] == {"acc": 100.0, "n": 1, "chance": pytest.approx(100 / 3), "image": False}
+    assert gap_closed(75.0, 50.0, 100.0) == 50.0
+    assert gap_closed(75.0, 50.0, None) is None and gap_closed(60.0, 50.0, 50.0) is None    # no gap to close
+    t["Left of"].update(blind=50.0, oracle=100.0)
+    t["Colours"].update(blind=0.0, oracle=None)
+    t["Rhymes"].update(blind=100.0, oracle=None)
+    summary = {"IMG": {"acc": 4 / 7 * 100, "n": 7, "chance": 40.0, "image": True, "blind": 25.0, "oracle": 75.0}}
+    assert bounds_table(t, summary).splitlines() == [
+        "question type                    n  chance   blind    LSRM  oracle  gap closed",
+        "Colours                          3   33.33    0.00   33.33       -           -",
+        "Left of                          4   50.00   50.00   75.00  100.00       50.0%",
+        "all picture questions (IMG)      7   40.00   25.00   57.14   75.00       64.3%",
+        "Rhymes                           1   33.33  100.00  100.00       -           -"]
+
 
 @pytest.mark.parametrize("raw, tokens", [
     ("A man's dog, running.", "a man 's dog running"),

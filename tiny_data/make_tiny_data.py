@@ -636,7 +636,8 @@ def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int
         problems[pid] = dict(question=q.question, choices=choices, answer=choices.index(q.answer), hint=q.hint,
                              image="image.png" if q.scene else None, task=t.task,
                              grade=f"grade{rng.randint(*t.grades)}", subject=t.subject, topic=t.topic,
-                             category=t.category, skill=t.skill, lecture=t.lecture, solution=q.solution, split=split)
+                             category=t.category, skill=t.skill, lecture=t.lecture, solution=q.solution, split=split,
+                             description=scene_in_words(q.scene, q.kind) if q.scene else None)   # the oracle's context
         splits[split].append(pid)
         if q.scene:
             write_png(render(q.scene, LAND if q.kind == "map" else BACKGROUND), out / "images" / split / pid / "image.png")
@@ -738,6 +739,54 @@ def describe(objects: list[dict], kind: str = "shapes") -> str:
                 parts.append(f"The {name(a)} is to the left of the {name(b)}.")
             if b["y"] - a["y"] >= GAP:
                 parts.append(f"The {name(a)} is above the {name(b)}.")
+    return " ".join(parts)
+
+
+def clear_direction(a: dict, b: dict) -> str | None:
+    """The one compass direction of town a from town b, if one is clear (as q_map_direction asks it)."""
+    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+    if max(abs(dx), abs(dy)) < GAP + 2 or min(abs(dx), abs(dy)) > max(abs(dx), abs(dy)) / 2:
+        return None
+    return ("east" if dx > 0 else "west") if abs(dx) > abs(dy) else ("south" if dy > 0 else "north")
+
+
+def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
+    """The picture in words for the *oracle* bound (problems.json "description"): every fact a picture
+    question can ask about, so a decoder that reads it needs no image. `describe` (the pretraining
+    corpus's form) states fewer: no distances, extremes or map directions."""
+    def clear_extremes(edges, nm):
+        out = []
+        for edge, (axis, best) in edges.items():
+            ranked = sorted(objects, key=lambda o: o[axis], reverse=best is max)
+            if abs(ranked[0][axis] - ranked[1][axis]) >= GAP:
+                out.append(f"{nm(ranked[0]).capitalize()} is " +
+                           (f"farthest {edge}." if kind == "map" else f"closest to the {edge}."))
+        return out
+
+    if kind == "map":
+        def nm(o):
+            return f"the {o['colour']} town"
+        parts = ["North is at the top of the map. The map shows " + join_and([nm(o) for o in objects]) + "."]
+        for i, a in enumerate(objects):
+            for b in objects[i + 1:]:
+                if d := clear_direction(a, b):
+                    parts.append(f"{nm(a).capitalize()} is {d} of {nm(b)}.")
+        return " ".join(parts + clear_extremes(MAP_EDGES, nm))
+
+    def nm(o):
+        return f"the {name(o)}"
+    parts = ["The picture shows " + join_and([f"a {name(o)}" for o in objects]) + "."]
+    for a in objects:
+        for b in objects:
+            if b["x"] - a["x"] >= GAP:
+                parts.append(f"{nm(a).capitalize()} is to the left of {nm(b)}.")
+            if b["y"] - a["y"] >= GAP:
+                parts.append(f"{nm(a).capitalize()} is above {nm(b)}.")
+    parts += clear_extremes(EDGES, nm)
+    for t in objects if len(objects) >= 3 else []:
+        d = sorted((math.dist((o["x"], o["y"]), (t["x"], t["y"])), i) for i, o in enumerate(objects) if o is not t)
+        if d[1][0] - d[0][0] >= NEAR_MARGIN:
+            parts.append(f"{nm(objects[d[0][1]]).capitalize()} is nearest to {nm(t)}.")
     return " ".join(parts)
 
 
