@@ -237,32 +237,34 @@ def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, to
     return state
 
 
+def _find(what: str, file: str, fits: dict, committed: Path | None, cached: Path, make: Callable[[], dict],
+          log: Callable) -> dict[str, torch.Tensor]:
+    """The committed file if there is one and it fits, else the cache (pretrained once by `make`)."""
+    if committed is not None and (committed / file).is_file():
+        state = read_backbone(committed / file, fits, log)
+        if state is not None:
+            log(f"{what}: the committed {committed / file}")
+            return state
+    return _cached(cached, make, log)
+
+
 def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print,
                    committed: Path | None = BACKBONES) -> dict:
     """The tiny ViT's pretrained weights ('visual.*'): the committed file if it fits, else pretrained once
     and cached by everything they depend on."""
     fits = vit_fits(cfg)
-    if committed is not None and (committed / "vit.pt").is_file():
-        state = read_backbone(committed / "vit.pt", fits, log)
-        if state is not None:
-            log(f"ViT: the committed {committed / 'vit.pt'}")
-            return state
-    path = Path(cache_dir) / f"vit-{_key(fits['vit'], VIT_RECIPE, cfg.train.preprocess)}.pt"
-    return _cached(path, lambda: {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess,
-                                                                             log).items()}, log)
+    return _find("ViT", "vit.pt", fits, committed,
+                 Path(cache_dir) / f"vit-{_key(fits['vit'], VIT_RECIPE, cfg.train.preprocess)}.pt",
+                 lambda: {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess, log).items()}, log)
 
 
 def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
                    committed: Path | None = BACKBONES) -> dict:
     """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, found likewise."""
     fits = llm_fits(cfg, tok)
-    if committed is not None and (committed / "lm.pt").is_file():
-        state = read_backbone(committed / "lm.pt", fits, log)
-        if state is not None:
-            log(f"decoder: the committed {committed / 'lm.pt'}")
-            return state
-    path = Path(cache_dir) / f"lm-{_key(fits['llama'], LM_RECIPE, fits['vocab'])}.pt"
-    return _cached(path, lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
+    return _find("decoder", "lm.pt", fits, committed,
+                 Path(cache_dir) / f"lm-{_key(fits['llama'], LM_RECIPE, fits['vocab'])}.pt",
+                 lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
 
 
 def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,

@@ -775,14 +775,7 @@ def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
 
     def nm(o):
         return f"the {name(o)}"
-    parts = ["The picture shows " + join_and([f"a {name(o)}" for o in objects]) + "."]
-    for a in objects:
-        for b in objects:
-            if b["x"] - a["x"] >= GAP:
-                parts.append(f"{nm(a).capitalize()} is to the left of {nm(b)}.")
-            if b["y"] - a["y"] >= GAP:
-                parts.append(f"{nm(a).capitalize()} is above {nm(b)}.")
-    parts += clear_extremes(EDGES, nm)
+    parts = [describe(objects)] + clear_extremes(EDGES, nm)          # the objects and every clear relation
     for t in objects if len(objects) >= 3 else []:
         d = sorted((math.dist((o["x"], o["y"]), (t["x"], t["y"])), i) for i, o in enumerate(objects) if o is not t)
         if d[1][0] - d[0][0] >= NEAR_MARGIN:
