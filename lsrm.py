@@ -396,6 +396,28 @@ def cmd_visualize(args) -> None:
     print(f"answer: {tokenizer.decode(answer)!r}\nwrote {f3}\nwrote {f5}")
 
 
+def cmd_probe(args) -> None:
+    """Per ViT block: how well a small probe reads identity and position (the paper's §3.1 premise)."""
+    from model.pretrain import _world, pretrained_vit
+    from model.probe import format_probe, probe_figure, probe_vit
+    cfg = load_config(args.config, args.set)
+    if cfg.vit != C.get_config("tiny").vit:
+        raise UserError(f"config {cfg.name!r}: the probe runs on the tiny ViT and its toy pictures")
+    if cfg.train.pretrained:
+        state = pretrained_vit(cfg)
+    else:                                   # random weights: a smoke test
+        torch.manual_seed(cfg.train.seed)
+        state = build(cfg).visual.state_dict()
+    t0 = time.time()
+    result = probe_vit(cfg, state, _world(), args.train, args.test, args.steps, log=lambda *a: None)
+    print(format_probe(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe_figure(result).save(out / "probe.png")
+    (out / "probe.json").write_text(json.dumps(result, indent=1))
+    print(f"{fmt_time(time.time() - t0)}; wrote {out / 'probe.png'} and {out / 'probe.json'}")
+
+
 def cmd_pretrain(args) -> None:
     """Pretrain the tiny backbones and write the committed files (README: command, torch version, checksums)."""
     from model.pretrain import BACKBONES, write_backbones
@@ -472,6 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", required=True, help=r"the prompt text; \n for new lines")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(fn=cmd_generate)
+
+    p = with_set(sub.add_parser("probe", help="per ViT block: can a probe read identity and position? (paper §3.1)"))
+    p.add_argument("--config", default="tiny", help="tiny (the probe uses its ViT and the toy pictures)")
+    p.add_argument("--out", default="runs/probe", help="directory for probe.png and probe.json")
+    p.add_argument("--train", type=int, default=2000, help="training pictures")
+    p.add_argument("--test", type=int, default=500, help="held-out pictures")
+    p.add_argument("--steps", type=int, default=600, help="Adam steps per probe")
+    p.set_defaults(fn=cmd_probe)
 
     p = with_set(sub.add_parser("pretrain", help="pretrain the tiny backbones into tiny_data/backbones (committed)"))
     p.add_argument("--config", default="tiny", help="tiny (the only preset with its own backbones)")
