@@ -239,6 +239,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
     prompt = args.prompt.replace("\\n", "\n")

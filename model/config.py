@@ -27,6 +27,15 @@ class ViTConfig:
     adapter_dropout: float = 0.1
     adapters: bool = True            # switch the ViT adapters off entirely
 
+    def __post_init__(self):
+        for k in ("image_size", "patch_size", "width", "layers", "heads"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"vit.{k} must be >= 1, got {getattr(self, k)}")
+        if self.width % self.heads:
+            raise ValueError(f"vit.heads={self.heads} does not divide vit.width={self.width}")
+        if self.patch_size > self.image_size:
+            raise ValueError(f"vit.patch_size={self.patch_size} is larger than vit.image_size={self.image_size}")
+
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
@@ -57,6 +66,9 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"llama.{k} must be >= 1, got {getattr(self, k)}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide")
         if self.rope_scaling is not None:
@@ -147,6 +159,8 @@ class TrainConfig:
             raise ValueError(f"train.frozen_dtype must be auto/float32/bfloat16/float16, got {self.frozen_dtype!r}")
         if self.batch_size < 1 or self.micro_batch < 1 or self.epochs < 1:
             raise ValueError("train.batch_size, train.micro_batch and train.epochs must be >= 1")
+        if self.limit < 0:
+            raise ValueError(f"train.limit must be >= 0 (0: all items), got {self.limit}")
 
 
 @dataclass
@@ -159,7 +173,11 @@ class Config:
 
     def __post_init__(self):
         layers = self.vit.layers
-        self.lsrm.taps = [t % layers for t in self.lsrm.taps]      # allow -2 for "penultimate"
+        for t in self.lsrm.taps:                                    # only negative indices wrap (-2: penultimate)
+            if not -layers <= t < layers:
+                raise ValueError(f"lsrm.taps: block {t} is outside the ViT's {layers} blocks "
+                                 f"(0..{layers - 1}, or -{layers}..-1 counting from the end)")
+        self.lsrm.taps = [t % layers for t in self.lsrm.taps]
         if len(set(self.lsrm.taps)) != len(self.lsrm.taps):
             raise ValueError(f"lsrm.taps has repeated blocks: {self.lsrm.taps}")
         if self.lsrm.n_slots < self.vit.n_patches:

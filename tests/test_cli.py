@@ -233,3 +233,26 @@ def test_small_preset_trains_with_the_real_smollm2(tmp_path):
             "--prompt", r"Question: How many circles are there?\nContext: N/A\nOptions: (A) 1 (B) 2\nResponse:")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip()                                   # a real LM writes real text
+
+
+BAD_CONFIG = {
+    "lsrm.taps=100": "lsrm.taps: block 100 is outside the ViT's 6 blocks",
+    "vit.layers=4": "lsrm.taps: block 4 is outside the ViT's 4 blocks",       # the preset's taps [3, 4]
+    "llama.n_heads=0": "llama.n_heads must be >= 1, got 0",
+    "vit.patch_size=0": "vit.patch_size must be >= 1, got 0",
+    "vit.heads=5": "vit.heads=5 does not divide vit.width=64",
+    "train.limit=-5": "train.limit must be >= 0",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_CONFIG))
+def test_bad_config_is_one_line_before_anything_is_written(override, tmp_path):
+    r = run("train", "--out", tmp_path / "run", "--set", override)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and BAD_CONFIG[override] in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_negative_max_new_tokens_is_refused(trained):
+    out, _ = trained
+    r = run("generate", "--ckpt", out / "checkpoint.pt", "--prompt", "x", "--max-new-tokens", "-3")
+    assert r.returncode == 2 and r.stderr == "error: --max-new-tokens must be >= 0, got -3\n"
