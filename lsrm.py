@@ -411,7 +411,7 @@ def cmd_probe(args) -> None:
         torch.manual_seed(cfg.train.seed)
         state = build(cfg).visual.state_dict()
     t0 = time.time()
-    result = probe_vit(cfg, state, _world(), args.train, args.test, args.steps, log=lambda *a: None)
+    result = probe_vit(cfg, state, _world(), args.train, args.test, args.steps, args.seed, log=lambda *a: None)
     print(format_probe(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/probe", help="directory for probe.png and probe.json")
     p.add_argument("--train", type=int, default=2000, help="training pictures")
     p.add_argument("--test", type=int, default=500, help="held-out pictures")
-    p.add_argument("--steps", type=int, default=600, help="Adam steps per probe")
+    p.add_argument("--steps", type=int, default=1500, help="Adam steps per probe (about converged)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pictures and the probes")
     p.set_defaults(fn=cmd_probe)
 
     p = with_set(sub.add_parser("pretrain", help="pretrain the tiny backbones into tiny_data/backbones (committed)"))
