@@ -32,6 +32,7 @@ import functools
 import importlib
 import json
 import math
+import pickle
 import re
 import zipfile
 from fnmatch import fnmatch
@@ -285,12 +286,57 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") for n in z.namelist())
 
 
+def _json(path: Path) -> dict:
+    """A JSON file (config.json, params.json, an index), or a WeightsError naming it and the fault."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise WeightsError(f"{path}: not valid JSON{where}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file is a whole safetensors file: an 8-byte header length, a JSON header, then every tensor's
+    bytes (the header's data_offsets). Cheap: reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise WeightsError(f"{path}: not a safetensors file (no valid header)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + n + max(ends, default=0) > size:
+        raise WeightsError(f"{path}: truncated ({size:,} bytes; its header lists {8 + n + max(ends):,})")
+
+
+def _torch_load(path: Path, **kw):
+    """torch.load restricted to tensors (weights_only): a file that would run code is refused, a damaged
+    one reported, each in one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except pickle.UnpicklingError:
+        raise WeightsError(f"{path}: refused: loading it would run code (not a plain tensor file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        why = "truncated or damaged" if "PytorchStreamReader" in str(e) or isinstance(e, EOFError) else "unreadable"
+        raise WeightsError(f"{path}: {why} ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        _check_safetensors(path)
         return _need("safetensors.torch").load_file(str(path))
     if _is_torchscript(path):                  # OpenAI's ViT-L-14.pt: torch.load(weights_only) refuses it
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as e:
+            raise WeightsError(f"{path}: a damaged TorchScript archive ({str(e).splitlines()[0][:80]})") from None
+    return _torch_load(path)
 
 
 def _hf_tensors(d: Path) -> Tensors:
@@ -298,7 +344,13 @@ def _hf_tensors(d: Path) -> Tensors:
     index = next((d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                   if (d / n).exists()), None)
     if index is not None:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (d / name).is_file():
+                raise WeightsError(f"{index}: shard {name} listed in the index is missing")
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).exists()][:1]
     if not files:
@@ -307,10 +359,11 @@ def _hf_tensors(d: Path) -> Tensors:
     for name in files:
         f = d / name
         if f.suffix == ".safetensors":
+            _check_safetensors(f)
             handle = _need("safetensors").safe_open(str(f), framework="pt")
             out.update({k: (str(f), lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()})
         else:
-            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            sd = _torch_load(f, mmap=True)
             out.update({k: (str(f), lambda sd=sd, k=k: sd[k]) for k in sd})
     return out
 
@@ -322,7 +375,7 @@ def detect_format(path) -> str:
         if (p / "params.json").exists():
             return "meta"
         if (p / "config.json").exists():
-            model_type = json.loads((p / "config.json").read_text()).get("model_type", "")
+            model_type = str(_json(p / "config.json").get("model_type", ""))
             return "hf-clip" if model_type.startswith("clip") else "hf"
         raise WeightsError(f"{p}: a checkpoint directory needs params.json (Meta) or config.json (Hugging Face)")
     if not p.exists():
@@ -346,7 +399,7 @@ def _vit_fields(cfg: ViTConfig) -> dict:
 
 
 def _vit_arch_from_tensors(src: dict[str, Source]) -> dict:
-    """Architecture from shapes, as openai/CLIP's build_model does (heads are not recorded: not checked)."""
+    """Architecture from shapes, as openai/CLIP's build_model does (heads are not recorded: see load_vit)."""
     arch = {}
     if "conv1.weight" in src:
         conv = src["conv1.weight"].get()                                     # (Dv, 3, p, p)
@@ -367,7 +420,7 @@ def _open_vit(path) -> tuple[str, dict, dict[str, Source], tuple]:
     if fmt not in ("hf-clip", "torchscript", "state-dict"):
         raise WeightsError(f"{p}: a {fmt} checkpoint is not a CLIP vision tower")
     if fmt == "hf-clip":                                            # Hugging Face CLIPVisionModel / CLIPModel
-        config = json.loads((p / "config.json").read_text())
+        config = _json(p / "config.json")
         v = {**HF_CLIP_DEFAULTS, **config.get("vision_config", config)}    # CLIPModel nests it
         # transformers >= 5 saves CLIPVisionModel without the `vision_model.` prefix that CLIPModel has
         tensors = {k.removeprefix("vision_model."): t for k, t in _hf_tensors(p).items()}
@@ -395,6 +448,11 @@ def load_vit(vit: VisionTransformer, path, device="cpu", dtype=torch.float32) ->
     """Fill `vit` (built on any device, typically meta) from a checkpoint; returns the format found."""
     fmt, arch, src, missing = _open_vit(path)
     _check(_vit_fields(vit.cfg), arch, path, "vit")
+    # OpenAI and timm files do not record the head count; openai/CLIP (and timm's CLIP towers) build
+    # width / 64 heads for every released width (768, 1024, 1280): another count would load silently wrong
+    if fmt in ("openai", "timm") and arch.get("width", 0) >= 768 and vit.cfg.heads != arch["width"] // 64:
+        raise WeightsError(f"{path}: vit.heads is {vit.cfg.heads}, but a CLIP tower of width {arch['width']} has "
+                           f"{arch['width'] // 64} heads (width / 64; {fmt} files do not record it)")
     _fill(vit, src, path, VIT_NOT_IN_CHECKPOINTS + missing, device, dtype, "visual.")
     return fmt
 
@@ -416,15 +474,24 @@ def _llama_fields(cfg: LlamaConfig) -> dict:
 
 
 def _open_meta(d: Path) -> tuple[LlamaConfig, dict[str, Source]]:
-    params = json.loads((d / "params.json").read_text())
+    params = _json(d / "params.json")
     files = sorted(d.glob("consolidated.*.pth"))
     if not files:
         raise WeightsError(f"{d}: params.json but no consolidated.*.pth")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]  # mapped, not read
+    shards = [_torch_load(f, mmap=True) for f in files]  # mapped, not read
     for f, s in zip(files[1:], shards[1:]):
         if s.keys() != shards[0].keys():
             odd = sorted(s.keys() ^ shards[0].keys())[0]
             raise WeightsError(f"{f}: shards disagree on tensor {odd!r}")
+    # Meta splits each attention projection's output rows evenly over consolidated.00.pth, 01, ...: the
+    # shard count is dim / rows per shard, and a missing shard would otherwise surface as a shape mismatch
+    rows = shards[0]["layers.0.attention.wq.weight"].shape[0] if "layers.0.attention.wq.weight" in shards[0] else 0
+    dim = params.get("dim", 0)
+    if rows and dim % rows == 0 and dim // rows != len(files):
+        want = [f"consolidated.{i:02d}.pth" for i in range(dim // rows)]
+        gone = [n for n in want if not (d / n).is_file()]
+        raise WeightsError(f"{d}: {len(files)} of its {len(want)} consolidated.*.pth shards are here "
+                           f"(missing: {', '.join(gone[:3]) or 'see the file names'})")
 
     def merged(key: str) -> torch.Tensor:
         pieces = [s[key] for s in shards]
@@ -459,7 +526,7 @@ def _open_meta(d: Path) -> tuple[LlamaConfig, dict[str, Source]]:
 
 
 def _open_hf_llama(d: Path) -> tuple[LlamaConfig, dict[str, Source]]:
-    c = {**HF_LLAMA_DEFAULTS, **json.loads((d / "config.json").read_text())}
+    c = {**HF_LLAMA_DEFAULTS, **_json(d / "config.json")}
     file = d / "config.json"
     for key, want in (("model_type", "llama"), ("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if c.get(key) != want:
@@ -493,7 +560,17 @@ def _gguf_reader(path: str, mtime_ns: int):
 
 def _open_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Source]]:
     gguf = _need("gguf")
-    reader = _gguf_reader(str(path), path.stat().st_mtime_ns)
+    try:
+        reader = _gguf_reader(str(path), path.stat().st_mtime_ns)
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises anything on a cut or foreign file
+        with open(path, "rb") as f:
+            what = "truncated or damaged" if f.read(4) == b"GGUF" else "not a GGUF file"
+        raise WeightsError(f"{path}: {what} (the gguf reader fails: {type(e).__name__})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:                      # the reader maps the file: a cut one yields short arrays
+        if t.data_offset + t.n_bytes > size:
+            raise WeightsError(f"{path}: truncated ({size:,} bytes; tensor {t.name!r} ends at byte "
+                               f"{t.data_offset + t.n_bytes:,})")
 
     def meta(key, default=KeyError):
         if key in reader.fields:

@@ -347,6 +347,105 @@ def test_meta_shards_must_agree(llamas, tmp_path):
         load_llama(meta_model(Transformer, L2), d)
 
 
+# ---- damaged or missing files: one line naming the file and what is wrong (issue 10, items 1-2)
+
+def one_line(e, *names):
+    message = str(e.value)
+    assert "\n" not in message and all(str(n) in message for n in names), message
+
+
+def cut(path, keep):
+    """Truncate a file to `keep` bytes (an int) or that fraction of its size, as an interrupted copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+
+
+def test_damaged_hf_directories(llamas, tmp_path):
+    d = tmp_path / "sharded"
+    llamas["llama3"].save_pretrained(d, max_shard_size="40KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    cut(shards[1], 0.5)
+    with pytest.raises(WeightsError, match="truncated") as e:
+        load_llama(meta_model(Transformer, L3), d)
+    one_line(e, shards[1])
+    shards[1].unlink()
+    with pytest.raises(WeightsError, match=f"shard {shards[1].name} listed in the index is missing") as e:
+        load_llama(meta_model(Transformer, L3), d)
+    one_line(e, d / "model.safetensors.index.json")
+
+    d, f = hf_file(llamas, tmp_path, lambda sd: None)
+    f.write_bytes(np.random.default_rng(0).bytes(4096))            # random bytes: a header length of petabytes
+    with pytest.raises(WeightsError, match="not a safetensors file") as e:
+        load_llama(meta_model(Transformer, L2), d)
+    one_line(e, f)
+    (d / "config.json").write_text('{"model_type": "llama", hidden_size: 64}')
+    with pytest.raises(WeightsError, match=r"config\.json: not valid JSON \(line 1, column 25\)") as e:
+        load_llama(meta_model(Transformer, L2), d)
+    one_line(e)
+
+
+def test_damaged_meta_directories(llamas, tmp_path):
+    d = write_meta(llamas["llama2"], HF_L2, PARAMS_L2, tmp_path / "meta")
+    cut(d / "consolidated.01.pth", 0.6)
+    with pytest.raises(WeightsError, match="consolidated.01.pth: truncated or damaged") as e:
+        load_llama(meta_model(Transformer, L2), d)
+    one_line(e)
+    (d / "consolidated.01.pth").unlink()           # reported as a shape mismatch of tok_embeddings before
+    with pytest.raises(WeightsError, match=r"1 of its 2 consolidated\.\*\.pth shards are here "
+                                           r"\(missing: consolidated\.01\.pth\)") as e:
+        load_llama(meta_model(Transformer, L2), d)
+    one_line(e, d)
+
+
+def test_damaged_gguf(llamas, tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(llamas["llama3"], HF_L3, path)
+    data = path.read_bytes()
+    cut(path, len(data) - 1000)                    # the tensor data cut short
+    with pytest.raises(WeightsError, match="truncated") as e:
+        load_llama(meta_model(Transformer, L3), path)
+    one_line(e, path)
+    cut(path, 200)                                 # the metadata cut short
+    with pytest.raises(WeightsError, match="truncated or damaged") as e:
+        load_llama(meta_model(Transformer, L3), path)
+    one_line(e, path)
+    path.write_bytes(b"PK" + bytes(300))
+    with pytest.raises(WeightsError, match="not a GGUF file") as e:
+        load_llama(meta_model(Transformer, L3), path)
+    one_line(e, path)
+
+
+class RunsCode:
+    def __reduce__(self):                          # unpickling would call print(...): any code at all
+        return (print, ("this ran on load",))
+
+
+def test_damaged_vit_files(clip, tmp_path):
+    sd = openai_state_dict(clip[0])
+    torch.save({"state": RunsCode(), **sd}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError, match="refused: loading it would run code") as e:
+        load_vit(meta_model(VisionTransformer, VIT), tmp_path / "evil.pt")
+    one_line(e, tmp_path / "evil.pt")
+    torch.save(sd, tmp_path / "openai.pt")
+    cut(tmp_path / "openai.pt", 0.5)
+    with pytest.raises(WeightsError, match="truncated or damaged") as e:
+        load_vit(meta_model(VisionTransformer, VIT), tmp_path / "openai.pt")
+    one_line(e, tmp_path / "openai.pt")
+
+
+def test_openai_clip_head_count(tmp_path):
+    """OpenAI's files do not record heads: at a released width (768, 1024, 1280) anything but width / 64 is
+    refused rather than loaded silently wrong."""
+    torch.save({"conv1.weight": torch.zeros(768, 3, 14, 14)}, tmp_path / "b16.pt")
+    cfg = ViTConfig(image_size=224, patch_size=14, width=768, layers=12, heads=8, output_dim=512)
+    with pytest.raises(WeightsError, match=r"vit\.heads is 8, but a CLIP tower of width 768 has 12 heads") as e:
+        load_vit(meta_model(VisionTransformer, cfg), tmp_path / "b16.pt")
+    one_line(e, tmp_path / "b16.pt")
+    with pytest.raises(WeightsError, match="missing tensor"):      # the right count gets past the check
+        load_vit(meta_model(VisionTransformer, dataclasses.replace(cfg, heads=12)), tmp_path / "b16.pt")
+
+
 # =============================================================================================
 # Vision: a tiny CLIPVisionModelWithProjection (quick_gelu, as OpenAI's CLIP)
 
