@@ -36,6 +36,30 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C: one line saying what was kept; exit status 130 (128 + SIGINT), as shells expect."""
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: --out must be a directory we may write a run into."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory")
+    has_run = (out / "checkpoint.pt").exists()
+    if resume and not has_run:
+        raise UserError(f"--resume: {out} holds no checkpoint.pt to continue")
+    if has_run and not resume and not overwrite:
+        raise UserError(f"{out} already holds a run (checkpoint.pt): continue it with --resume, choose another "
+                        f"--out, or replace it with --overwrite")
+
+
+def check_out_file(out: Path) -> None:
+    """Before any work: a file --out must be writable where it is named."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: a directory; give a file name (e.g. {out / 'metrics.json'})")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the directory {out.parent} does not exist")
+
+
 def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
     try:
         return C.apply_overrides(C.get_config(name), overrides or [])
@@ -186,6 +210,9 @@ def cmd_train(args) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     device = default_device()
     out = Path(args.out or f"runs/{cfg.name}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1 (optimizer steps before stopping), got {args.stop_after}")
+    check_run_dir(out, args.resume, args.overwrite)
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     tokenizer = make_tokenizer(cfg)
@@ -198,8 +225,12 @@ def cmd_train(args) -> None:
     log(f"trainable parameters: {sum(g['trainable'] for g in groups.values()):,}")
     summary = train(cfg, model, dataset, lambda items: collate(items, tokenizer.pad_id), out,
                     resume=args.resume, stop_after=args.stop_after, log=log, device=device)
+    if summary["interrupted"]:
+        raise Interrupted(f"interrupted at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
+                          f"continue with the same command and --resume")
     if summary["step"] < summary["total"]:
-        log(f"stopped at step {summary['step']}/{summary['total']}; continue with --resume")
+        log(f"stopped at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
+            f"continue with --resume")
         return
     if rank != 0 or args.no_eval:
         return
@@ -229,6 +260,8 @@ def model_from_checkpoint(path: str, device, overrides=None, log=print):
 
 
 def cmd_eval(args) -> None:
+    if args.out:
+        check_out_file(Path(args.out))
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set)
     result = evaluate(cfg, model, tokenizer, args.split, device, ckpt["inheritable_used"], data=args.data,
@@ -477,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")
     p.add_argument("--out", help="run directory (default runs/CONFIG)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     p.add_argument("--stop-after", type=int, help="stop (and checkpoint) after this many steps in total")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--no-bounds", action="store_true", help="skip the blind and oracle bounds in that evaluation")
@@ -556,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError) as e:     # DataError, CheckpointError, WeightsError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:                # a second Ctrl-C while training, or one outside it
+        print("interrupted: stopped at once (a checkpoint already written is whole: each is written atomically)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -16,6 +16,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -111,6 +113,39 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def keep_history(path: Path, step: int) -> None:
+    """Drop the log.jsonl lines after `step` (the checkpoint resumed from): those steps run again."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines(keepends=True) if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+        if len(kept) < len(lines):
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+
+
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) while training: the first one lets the current step finish, then the loop checkpoints
+    and stops (`requested`); a second one interrupts at once. Only the main thread can take signals."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -181,7 +216,8 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     """Fine-tune the adapters of `model` on `dataset`; writes out_dir/{checkpoint.pt, log.jsonl}.
 
     `stop_after` ends the run after that many optimizer steps (in total), checkpointing first:
-    an interruption that `resume=True` continues from.
+    an interruption that `resume=True` continues from. Ctrl-C does the same at the end of the current
+    step (the summary then has "interrupted": True).
     """
     t = cfg.train
     rank, world = distributed()
@@ -223,45 +259,63 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     history_file = out_dir / "log.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and history_file.exists():
-            history_file.unlink()
+        if resume:
+            keep_history(history_file, step)
+    fresh = not resume                         # a new run replaces log.jsonl at its first step, not before
     t0, first = time.time(), step
-    last_loss = float("nan")
-    while step < total and (stop_after is None or step < stop_after):
-        epoch, i = divmod(step, steps_per_epoch)
-        lr = get_lr(step / steps_per_epoch, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        on = inheritable_at(cfg, epoch)
-        batches = [collate([dataset[j] for j in chunk]) for chunk in batch_indices(len(dataset), cfg, epoch, i, rank, world)]
-        n_tok = all_sum(sum((b["targets"] != -100).sum() for b in batches).to(device).float())
-        loss_sum = torch.zeros((), device=device)
-        for k, b in enumerate(batches):
-            sync = k == len(batches) - 1 or world == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, frozen):
-                images = b["images"].to(device) if b["has_image"].any() else None    # text-only: skip the ViT
-                logits = ddp(b["tokens"].to(device), images, b["has_image"].to(device), inheritable=on)
-                loss = answer_loss_sum(logits, b["targets"].to(device))
-                (loss * world / n_tok).backward()          # DDP averages over processes: undo that
-            loss_sum += loss.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        last_loss = (all_sum(loss_sum) / n_tok).item()
-        if rank == 0:
-            with open(history_file, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr}) + "\n")
-            if step % t.log_every == 0 or step == total or step == first + 1:
-                dt = (time.time() - t0) / (step - first)
-                log(f"step {step:5d}/{total} | epoch {epoch + 1}/{t.epochs} | loss {last_loss:.4f} | lr {lr:.2e} "
-                    f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if on else ""))
-        if step % steps_per_epoch == 0 or (t.ckpt_every and step % t.ckpt_every == 0) or step == stop_after:
-            save(step)
+    last_loss, saved, interrupted = float("nan"), step, False
+    with StopOnInterrupt() as interrupt:
+        while step < total and (stop_after is None or step < stop_after):
+            if stop_requested(interrupt, device, world):
+                interrupted = True
+                break
+            epoch, i = divmod(step, steps_per_epoch)
+            lr = get_lr(step / steps_per_epoch, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            on = inheritable_at(cfg, epoch)
+            batches = [collate([dataset[j] for j in chunk]) for chunk in batch_indices(len(dataset), cfg, epoch, i, rank, world)]
+            n_tok = all_sum(sum((b["targets"] != -100).sum() for b in batches).to(device).float())
+            loss_sum = torch.zeros((), device=device)
+            for k, b in enumerate(batches):
+                sync = k == len(batches) - 1 or world == 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, frozen):
+                    images = b["images"].to(device) if b["has_image"].any() else None    # text-only: skip the ViT
+                    logits = ddp(b["tokens"].to(device), images, b["has_image"].to(device), inheritable=on)
+                    loss = answer_loss_sum(logits, b["targets"].to(device))
+                    (loss * world / n_tok).backward()          # DDP averages over processes: undo that
+                loss_sum += loss.detach()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = (all_sum(loss_sum) / n_tok).item()
+            if rank == 0:
+                with open(history_file, "w" if fresh else "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr}) + "\n")
+                fresh = False
+                if step % t.log_every == 0 or step == total or step == first + 1:
+                    dt = (time.time() - t0) / (step - first)
+                    log(f"step {step:5d}/{total} | epoch {epoch + 1}/{t.epochs} | loss {last_loss:.4f} | lr {lr:.2e} "
+                        f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if on else ""))
+            if step % steps_per_epoch == 0 or (t.ckpt_every and step % t.ckpt_every == 0) or step == stop_after:
+                save(step)
+                saved = step
+        interrupted = interrupted or interrupt.requested       # pressed during the last step
+        if interrupted and saved != step:
+            save(step)                         # Ctrl-C: the step in hand, written atomically
     if dist.is_initialized():
         dist.barrier()
-    return {"step": step, "total": total, "loss": last_loss, "seconds": time.time() - t0}
+    return {"step": step, "total": total, "loss": last_loss, "seconds": time.time() - t0,
+            "interrupted": interrupted}
+
+
+def stop_requested(interrupt: StopOnInterrupt, device, world: int) -> bool:
+    """Has Ctrl-C been pressed (in any process: all of them must stop at the same step)?"""
+    if world == 1:
+        return interrupt.requested
+    return all_sum(torch.tensor(float(interrupt.requested), device=device)).item() > 0
 
 
 def fmt_time(s: float) -> str:

@@ -186,7 +186,7 @@ def test_train_and_eval_from_real_checkpoint_files(tmp_path):
     r = run("eval", "--ckpt", out / "checkpoint.pt", "--split", "minitest", "--out", out / "eval.json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "eval.json").read_text())["metrics"] == json.loads((out / "metrics.json").read_text())["metrics"]
-    r = run("train", "--out", out, *QUICK, "--set", f"train.vit_weights={tmp_path / 'llama'}",
+    r = run("train", "--out", tmp_path / "run2", *QUICK, "--set", f"train.vit_weights={tmp_path / 'llama'}",
             "--set", f"train.llm_weights={tmp_path / 'llama'}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "llama" in r.stderr      # wrong file for the ViT
 
@@ -256,3 +256,62 @@ def test_negative_max_new_tokens_is_refused(trained):
     out, _ = trained
     r = run("generate", "--ckpt", out / "checkpoint.pt", "--prompt", "x", "--max-new-tokens", "-3")
     assert r.returncode == 2 and r.stderr == "error: --max-new-tokens must be >= 0, got -3\n"
+
+
+# ---- interruptions and run directories (issue 10, items 3-4)
+
+def steps_logged(out):
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_checkpoints_the_step_and_resume_logs_each_step_once(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    args = ["train", "--out", out, *QUICK, "--set", "train.epochs=200", "--no-eval"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**CHILD_ENV, "PYTHONUNBUFFERED": "1"})
+    while not (line := proc.stdout.readline()).startswith("step"):     # training has begun
+        assert line, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr and "--resume" in stderr
+    step = torch_load_step(out / "checkpoint.pt")
+    assert 1 <= step < 800 and f"interrupted at step {step}/800" in stderr
+    assert steps_logged(out) == list(range(1, step + 1))
+    with open(out / "log.jsonl", "a") as f:      # as a hard kill leaves it: steps logged after the checkpoint
+        f.write(json.dumps({"step": step + 1, "epoch": 0, "loss": 0.0, "lr": 0.0}) + "\n")
+    r = run(*args, "--resume", "--stop-after", step + 3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert steps_logged(out) == list(range(1, step + 4))
+
+
+def torch_load_step(path):
+    import torch
+    return torch.load(path, weights_only=True)["step"]
+
+
+def test_run_directories_are_not_overwritten_and_outs_checked_first(trained, tmp_path):
+    out, _ = trained
+    before = (out / "checkpoint.pt").read_bytes()
+    r = run("train", "--out", out, *QUICK)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "already holds a run" in r.stderr and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    for args, message in [(["train", "--out", tmp_path / "file"], "a file, not a directory"),
+                          (["train", "--out", tmp_path / "new", "--resume"], "holds no checkpoint.pt to continue"),
+                          (["train", "--out", tmp_path / "new", "--stop-after", "0"], "--stop-after must be >= 1"),
+                          (["eval", "--ckpt", out / "checkpoint.pt", "--out", tmp_path / "no" / "m.json"],
+                           f"the directory {tmp_path / 'no'} does not exist"),
+                          (["eval", "--ckpt", out / "checkpoint.pt", "--out", tmp_path], "a directory; give a file")]:
+        r = run(*args, *(QUICK if args[0] == "train" else []))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr[-2000:]
+        assert r.stdout == "" and not (tmp_path / "new").exists()
+    # a re-run told to overwrite that fails keeps the old run's log
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    log = (copy / "log.jsonl").read_text()
+    r = run("train", "--out", copy, "--overwrite", *QUICK, "--set", "train.limit=8")     # fewer items than a batch
+    assert r.returncode == 2 and "fewer than one batch" in r.stderr
+    assert (copy / "log.jsonl").read_text() == log
