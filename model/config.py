@@ -108,7 +108,9 @@ class LSRMConfig:
     fusion_scale: float = 0.1        # s: weight of the memory branch in the FFN
     feature_scale: float = 0.01      # fixed scale on projected features (released code)
     dropout: float = 0.1             # dropout on the memory attention scores
-    shift_epoch: int = 15            # first epoch with inheritable CA on (epochs 0..14 without)
+    # the first epoch (counted from 0) with inheritable CA on. The paper's "switch at epoch 14" of 20 is
+    # shift_epoch=15: epochs 0..14 train without M, 15..19 with it (method.md §5)
+    shift_epoch: int = 15
 
     def __post_init__(self):
         self.taps = list(self.taps)
@@ -225,7 +227,7 @@ def _tiny() -> Config:
                       # 0.01 was set for D=4096; at D=128 it leaves Z ~6x smaller than P1 (the keys ignore
                       # the image) and the image part of the memory ~1e-3 of the residual stream (measured)
                       feature_scale=0.1)
-    # a CPU-minutes recipe: 6 epochs (inheritable CA in the last two, as the paper's 15 of 20), short warmup
+    # a CPU-minutes recipe: 6 epochs (inheritable CA in the last two, as in the paper's last 5 of 20), short warmup
     train = TrainConfig(epochs=6, warmup_epochs=0.5, tokenizer="tiny_data/words.txt")
     return Config("tiny", vit, llama, lsrm, train)
 

@@ -1,5 +1,6 @@
 """tutorial.md cannot rot: every ```console block's commands are run and their output compared exactly;
-every `python lsrm.py ...` line of a ```bash block is run (training ones at smoke size) and must succeed."""
+every `python lsrm.py ...` line of a ```bash block is run (training ones at smoke size) and must succeed;
+every ```python block appears verbatim (up to its indentation) in the file the text names before it."""
 import re
 import shlex
 import subprocess
@@ -67,3 +68,27 @@ def test_bash_commands_run(command, tmp_path, request):
 
 def test_the_tutorial_has_commands():
     assert len(list(console_cases())) >= 2 and BASH
+
+
+def python_blocks():
+    """(block, the last repository file named before it: `model/x.py` or `lsrm.py`)."""
+    for m in re.finditer(r"```python\n(.*?)```", TUTORIAL, flags=re.S):
+        named = re.findall(r"`((?:model/\w+|lsrm)\.py)`", TUTORIAL[:m.start()])
+        yield m.group(1), named[-1] if named else None
+
+
+def occurs_verbatim(block: str, text: str) -> bool:
+    """The block's lines, in order and consecutive, in text, all shifted right by the same indentation."""
+    want = block.rstrip("\n").splitlines()
+    lines = [line.rstrip() for line in text.splitlines()]
+    for i in range(len(lines) - len(want) + 1):
+        pad = len(lines[i]) - len(want[0])
+        if pad >= 0 and all(lines[i + j] == " " * pad + w.rstrip() for j, w in enumerate(want)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("block,file", list(python_blocks()))
+def test_python_snippets_are_the_code(block, file):
+    assert file is not None, f"no file named before the snippet:\n{block}"
+    assert occurs_verbatim(block, (ROOT / file).read_text()), f"not in {file} as shown:\n{block}"
