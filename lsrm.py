@@ -92,7 +92,10 @@ def make_tokenizer(cfg: C.Config):
         return ByteTokenizer()
     from model.tokenizer import load_tokenizer
     path = resolve(cfg.train.tokenizer)
-    tok = load_tokenizer(path)
+    try:
+        tok = load_tokenizer(path)
+    except (OSError, RuntimeError, UnicodeDecodeError) as e:      # a damaged file, in any tokenizer library
+        raise UserError(f"{path}: not a readable tokenizer ({type(e).__name__})") from None
     if tok.vocab_size > cfg.llama.vocab_size:
         raise UserError(f"{path}: {tok.vocab_size} tokens, more than the decoder's vocab_size={cfg.llama.vocab_size}")
     return tok
@@ -148,7 +151,7 @@ def make_model(cfg: C.Config, device: torch.device, log=print) -> LSRM:
     return cast_frozen(model, dtype).to(device)
 
 
-def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, limit: int = 0):
+def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, limit: int = 0, log=print):
     root = resolve(data or cfg.train.data)
     if cfg.train.task == "scienceqa":
         examples = read_scienceqa(root, split, captions=cfg.train.captions)
@@ -156,14 +159,16 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
         examples = read_coco(root, split)
     examples = examples[:limit] if limit else examples
     check_images(examples)                  # never start on a missing or corrupt image
-    return examples, VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
+    dataset = VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
+    dataset.check_lengths(root / ("problems.json" if cfg.train.task == "scienceqa" else "dataset_coco.json"), log)
+    return examples, dataset
 
 
 def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print, loaded=None,
              bounds: bool = True) -> dict:
     """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type") and, with `bounds`,
     the frozen decoder alone without the picture ("blind") and with it in words ("oracle")."""
-    examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data)
+    examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data, log=log)
     fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
     metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, inheritable, log=log)
     result = {"split": split, "n": len(examples), "metrics": metrics, "records": records}
@@ -216,8 +221,8 @@ def cmd_train(args) -> None:
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     tokenizer = make_tokenizer(cfg)
-    examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
-    evaluation = None if args.no_eval else make_dataset(cfg, cfg.train.eval_split, tokenizer)  # checked up front
+    examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit, log=log)
+    evaluation = None if args.no_eval else make_dataset(cfg, cfg.train.eval_split, tokenizer, log=log)  # checked up front
     log(f"{len(examples)} training items from {resolve(cfg.train.data)}; config {cfg.name}; "
         f"{world} process(es) on {device}")
     model = make_model(cfg, device, log)

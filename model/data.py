@@ -90,6 +90,8 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False) -> list
             raise DataError(f"{captions_file}: expected {{\"captions\": {{pid: text}}}}")
         caption_of = caption_of["captions"]
 
+    if not isinstance(splits[split], list):
+        raise DataError(f"{splits_file}: split {split!r} is a {type(splits[split]).__name__}, not a list of pids")
     examples = []
     for pid in splits[split]:
         pid = str(pid)
@@ -264,6 +266,21 @@ class VLDataset(torch.utils.data.Dataset):
         if path not in self.cache:
             self.cache[path] = load_image(path, self.image_size, self.preprocess)
         return self.cache[path]
+
+    def check_lengths(self, source: Path, log=print) -> None:
+        """Up front, before any work: every answer must fit in max_len (an error naming the item); items
+        whose prompt will lose its start to fit are counted in one note."""
+        cut, longest = 0, (0, "")
+        for ex in self.examples:
+            target, n = len(self.tok.encode(ex.target)) + 1, len(self.tok.encode(ex.prompt))
+            if 1 + target > self.max_len:
+                raise DataError(f"{source}: item {ex.id}: its answer alone is {target} tokens, more than "
+                                f"train.max_len={self.max_len} holds")
+            cut += 1 + n + target > self.max_len
+            longest = max(longest, (1 + n + target, ex.id))
+        if cut:
+            log(f"note: {cut} of {len(self.examples)} items of {source} are longer than train.max_len={self.max_len} "
+                f"tokens (longest: item {longest[1]}, {longest[0]} tokens); the start of their prompts is dropped")
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]

@@ -207,8 +207,10 @@ def load_tokenizer(path):
     if p.is_dir():
         found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()]
         if not found:
-            raise FileNotFoundError(f"{p}: no tokenizer.json or tokenizer.model")
+            raise ValueError(f"{p}: no tokenizer.json or tokenizer.model")
         p = found[0]
+    if not p.is_file():
+        raise ValueError(f"{p}: no such tokenizer file")
     if p.suffix == ".txt":
         return WordTokenizer(p)
     if p.suffix == ".gguf":

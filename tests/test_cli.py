@@ -123,6 +123,8 @@ CASES = {
                             "problems.json"),
     "pid without problem": (lambda r: edit_json(r, "pid_splits.json", lambda d: d["train"].append("999999")),
                             "pid_splits.json"),
+    "split not a list": (lambda r: edit_json(r, "pid_splits.json", lambda d: d.update(train="1,2,3")),
+                         "pid_splits.json: split 'train' is a str, not a list of pids"),
 }
 
 
@@ -315,3 +317,16 @@ def test_run_directories_are_not_overwritten_and_outs_checked_first(trained, tmp
     r = run("train", "--out", copy, "--overwrite", *QUICK, "--set", "train.limit=8")     # fewer items than a batch
     assert r.returncode == 2 and "fewer than one batch" in r.stderr
     assert (copy / "log.jsonl").read_text() == log
+
+
+def test_max_len_and_tokenizer_files_are_checked_up_front(tmp_path):
+    r = run("train", "--out", tmp_path / "a", *QUICK, "--set", "train.max_len=4")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "a").exists()
+    assert "problems.json: item" in r.stderr and "its answer alone is" in r.stderr and "train.max_len=4" in r.stderr
+    r = run("train", "--out", tmp_path / "b", *QUICK, "--set", "train.max_len=24", "--stop-after", "1", "--no-eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: 64 of 64 items of" in r.stdout and "longer than train.max_len=24" in r.stdout
+    for value, message in [(tmp_path / "nope.txt", "no such tokenizer file"),
+                           (tmp_path, "no tokenizer.json or tokenizer.model")]:
+        r = run("train", "--out", tmp_path / "c", *QUICK, "--set", f"train.tokenizer={value}")
+        assert r.returncode == 2 and r.stderr == f"error: {value}: {message}\n"
