@@ -89,6 +89,18 @@ def test_scenes_are_visible_and_unambiguous():
                     assert abs(a["x"] - b["x"]) >= ha + hb or abs(a["y"] - b["y"]) >= ha + hb
 
 
+def test_the_picture_in_words_states_what_the_questions_ask():
+    objects = [dict(colour="red", shape="circle", x=10, y=10), dict(colour="blue", shape="square", x=50, y=12),
+               dict(colour="green", shape="triangle", x=30, y=50)]
+    words = gen.scene_in_words(objects)
+    assert "The red circle is to the left of the blue square." in words
+    assert "The red circle is above the blue square." not in words               # 2 px apart: too close to call
+    assert "Counts: 1 red, 1 green, 1 blue, 0 yellow; 1 circles, 1 squares, 1 triangles." in words
+    assert "The only shape to the right of the green triangle is the blue square." in words
+    assert "The only shape below the red circle" not in words                  # the square is level with it
+    assert "The green triangle is closest to the bottom." in words
+
+
 def test_text_corpus_uses_the_fine_tuning_format():
     docs = text_corpus(11, 300)
     questions = [d for d in docs if d.startswith("Question: ")]

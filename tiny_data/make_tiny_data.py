@@ -202,6 +202,40 @@ def until(make: Callable[[], Q | None]) -> Q:
     return q
 
 
+def first_clearly(objects: list[dict], axis: str, best) -> dict | None:
+    """The object with the least (best=min) or greatest (max) coordinate, if it wins by GAP, else None."""
+    ranked = sorted(objects, key=lambda o: o[axis], reverse=best is max)
+    return ranked[0] if abs(ranked[0][axis] - ranked[1][axis]) >= GAP else None
+
+
+SIDES = {"to the right of": ("x", 1), "to the left of": ("x", -1), "above": ("y", -1), "below": ("y", 1)}
+
+
+def only_beyond(objects: list[dict], anchor: dict, side: str) -> dict | None:
+    """The one object clearly on `side` of anchor, every other one clearly on the opposite side, else None."""
+    axis, sign = SIDES[side]
+    offsets = [sign * (o[axis] - anchor[axis]) for o in objects if o is not anchor]
+    beyond = [o for o in objects if o is not anchor and sign * (o[axis] - anchor[axis]) >= GAP]
+    return beyond[0] if len(beyond) == 1 and not any(-GAP < d < GAP for d in offsets) else None
+
+
+def nearest_to(objects: list[dict], target: dict) -> list[dict] | None:
+    """The other objects nearest first, if the nearest beats the runner-up by NEAR_MARGIN px, else None."""
+    others = sorted((o for o in objects if o is not target),
+                    key=lambda o: math.dist((o["x"], o["y"]), (target["x"], target["y"])))
+    d = [math.dist((o["x"], o["y"]), (target["x"], target["y"])) for o in others]
+    return others if len(d) >= 2 and d[1] - d[0] >= NEAR_MARGIN else None
+
+
+def clear_direction(a: dict, b: dict) -> str | None:
+    """The one compass direction of town a from town b, if one is clear: the main offset is long and the
+    sideways one at most half of it."""
+    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+    if max(abs(dx), abs(dy)) < GAP + 2 or min(abs(dx), abs(dy)) > max(abs(dx), abs(dy)) / 2:
+        return None
+    return ("east" if dx > 0 else "west") if abs(dx) > abs(dy) else ("south" if dy > 0 else "north")
+
+
 def q_relation(rng):
     rel = rng.choice(["to the left of", "to the right of", "above", "below"])
     want = rng.deal("relation", ["yes", "no"])
@@ -231,32 +265,28 @@ def q_extreme(rng):
 
     def make():
         objects = place(rng, random_kinds(rng, rng.randint(2, 4)))
-        ranked = sorted(objects, key=lambda o: o[axis], reverse=best is max)
-        if abs(ranked[0][axis] - ranked[1][axis]) < GAP:
+        if (first := first_clearly(objects, axis, best)) is None:
             return None
         refs = [ref(rng, o, objects) for o in objects]
-        answer = refs[objects.index(ranked[0])]
+        answer = refs[objects.index(first)]
         return Q(f"Which shape is closest to the {edge} of the picture?", refs, answer, scene=objects,
                  solution=f"{answer.capitalize()} is nearer the {edge} than any other shape.")
     return until(make)
 
 
 def q_colour_beside(rng):
-    side = rng.choice(["to the right of", "to the left of", "above", "below"])
+    side = rng.choice(list(SIDES))
     want = rng.deal("beside", list(COLOURS))
 
     def make():
         objects = place(rng, random_kinds(rng, rng.randint(2, 4)))
         anchor = rng.choice(objects)
-        axis, sign = {"to the right of": ("x", 1), "to the left of": ("x", -1), "above": ("y", -1), "below": ("y", 1)}[side]
-        offsets = [sign * (o[axis] - anchor[axis]) for o in objects if o is not anchor]
-        beyond = [o for o in objects if o is not anchor and sign * (o[axis] - anchor[axis]) >= GAP]
         # exactly one shape on that side, every other one clearly on the opposite side
-        if len(beyond) != 1 or any(-GAP < d < GAP for d in offsets) or beyond[0]["colour"] != want:
+        if (other := only_beyond(objects, anchor, side)) is None or other["colour"] != want:
             return None
         r = ref(rng, anchor, objects)
         return Q(f"What colour is the shape {side} {r}?", pick(rng, want, list(COLOURS), rng.randint(3, 4)), want,
-                 scene=objects, solution=f"Only one shape is {side} {r}: the {name(beyond[0])}. It is {want}.")
+                 scene=objects, solution=f"Only one shape is {side} {r}: the {name(other)}. It is {want}.")
     return until(make)
 
 
@@ -296,10 +326,7 @@ def q_nearest(rng):
     def make():
         objects = place(rng, random_kinds(rng, rng.randint(3, 4)))
         target = rng.choice(objects)
-        others = sorted((o for o in objects if o is not target),
-                        key=lambda o: math.dist((o["x"], o["y"]), (target["x"], target["y"])))
-        d = [math.dist((o["x"], o["y"]), (target["x"], target["y"])) for o in others]
-        if d[1] - d[0] < NEAR_MARGIN:
+        if (others := nearest_to(objects, target)) is None:
             return None
         r = ref(rng, target, objects)
         return Q(f"Which shape is nearest to {r}?", [f"the {name(o)}" for o in others], f"the {name(others[0])}",
@@ -331,18 +358,21 @@ def q_owner(rng):
 MAP_EDGES = {"north": ("y", min), "south": ("y", max), "west": ("x", min), "east": ("x", max)}
 
 
+def legend(names: list[str], towns: list[dict]) -> str:
+    return "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
+
+
 def q_map_farthest(rng):
     direction = rng.deal("farthest", DIRECTIONS)
     axis, best = MAP_EDGES[direction]
 
     def make():
         towns = place(rng, [(c, "square") for c in rng.sample(list(COLOURS), rng.randint(2, 4))], TOWN_SIZES)
-        ranked = sorted(towns, key=lambda o: o[axis], reverse=best is max)
-        if abs(ranked[0][axis] - ranked[1][axis]) < GAP:
+        if (first := first_clearly(towns, axis, best)) is None:
             return None
         names = rng.sample(TOWNS, len(towns))
-        hint = "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
-        answer = names[towns.index(ranked[0])]
+        hint = legend(names, towns)
+        answer = names[towns.index(first)]
         return Q(f"Which town is {'farther' if len(towns) == 2 else 'farthest'} {direction}?", names, answer, hint=hint, scene=towns, kind="map",
                  solution=f"North is at the top of the map. {answer} is farther {direction} than the other towns.")
     return until(make)
@@ -354,12 +384,7 @@ def q_map_direction(rng):
     def make():
         towns = place(rng, [(c, "square") for c in rng.sample(list(COLOURS), rng.randint(2, 4))], TOWN_SIZES)
         a, b = rng.sample(towns, 2)
-        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-        # one clear direction: the main offset is long and the sideways one at most half of it
-        if max(abs(dx), abs(dy)) < GAP + 2 or min(abs(dx), abs(dy)) > max(abs(dx), abs(dy)) / 2:
-            return None
-        truth = ("east" if dx > 0 else "west") if abs(dx) > abs(dy) else ("south" if dy > 0 else "north")
-        if truth != want:
+        if clear_direction(a, b) != want:
             return None
         return Q(f"In which direction is the {a['colour']} town from the {b['colour']} town?",
                  pick(rng, want, DIRECTIONS, rng.randint(2, 4)), want, scene=towns, kind="map",
@@ -742,26 +767,13 @@ def describe(objects: list[dict], kind: str = "shapes") -> str:
     return " ".join(parts)
 
 
-def clear_direction(a: dict, b: dict) -> str | None:
-    """The one compass direction of town a from town b, if one is clear (as q_map_direction asks it)."""
-    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-    if max(abs(dx), abs(dy)) < GAP + 2 or min(abs(dx), abs(dy)) > max(abs(dx), abs(dy)) / 2:
-        return None
-    return ("east" if dx > 0 else "west") if abs(dx) > abs(dy) else ("south" if dy > 0 else "north")
-
-
 def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
     """The picture in words for the *oracle* bound (problems.json "description"): every fact a picture
-    question can ask about, so a decoder that reads it needs no image. `describe` (the pretraining
-    corpus's form) states fewer: no distances, extremes or map directions."""
+    question can ask about (relations, extremes, counts, the one shape beside another, nearest shapes,
+    map directions), so a decoder that reads it needs no image."""
     def clear_extremes(edges, nm):
-        out = []
-        for edge, (axis, best) in edges.items():
-            ranked = sorted(objects, key=lambda o: o[axis], reverse=best is max)
-            if abs(ranked[0][axis] - ranked[1][axis]) >= GAP:
-                out.append(f"{nm(ranked[0]).capitalize()} is " +
-                           (f"farthest {edge}." if kind == "map" else f"closest to the {edge}."))
-        return out
+        return [f"{nm(first).capitalize()} is " + (f"farthest {edge}." if kind == "map" else f"closest to the {edge}.")
+                for edge, (axis, best) in edges.items() if (first := first_clearly(objects, axis, best))]
 
     if kind == "map":
         def nm(o):
@@ -776,10 +788,12 @@ def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
     def nm(o):
         return f"the {name(o)}"
     parts = [describe(objects)] + clear_extremes(EDGES, nm)          # the objects and every clear relation
-    for t in objects if len(objects) >= 3 else []:
-        d = sorted((math.dist((o["x"], o["y"]), (t["x"], t["y"])), i) for i, o in enumerate(objects) if o is not t)
-        if d[1][0] - d[0][0] >= NEAR_MARGIN:
-            parts.append(f"{nm(objects[d[0][1]]).capitalize()} is nearest to {nm(t)}.")
+    parts.append("Counts: " + ", ".join(f"{sum(o['colour'] == c for o in objects)} {c}" for c in COLOURS) + "; " +
+                 ", ".join(f"{sum(o['shape'] == s for o in objects)} {plural(s)}" for s in SHAPES) + ".")
+    parts += [f"The only shape {side} {nm(anchor)} is {nm(other)}."
+              for anchor in objects for side in SIDES if (other := only_beyond(objects, anchor, side))]
+    parts += [f"{nm(others[0]).capitalize()} is nearest to {nm(t)}."
+              for t in (objects if len(objects) >= 3 else []) if (others := nearest_to(objects, t))]
     return " ".join(parts)
 
 
