@@ -358,10 +358,6 @@ def q_owner(rng):
 MAP_EDGES = {"north": ("y", min), "south": ("y", max), "west": ("x", min), "east": ("x", max)}
 
 
-def legend(names: list[str], towns: list[dict]) -> str:
-    return "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
-
-
 def q_map_farthest(rng):
     direction = rng.deal("farthest", DIRECTIONS)
     axis, best = MAP_EDGES[direction]
@@ -371,7 +367,7 @@ def q_map_farthest(rng):
         if (first := first_clearly(towns, axis, best)) is None:
             return None
         names = rng.sample(TOWNS, len(towns))
-        hint = legend(names, towns)
+        hint = "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
         answer = names[towns.index(first)]
         return Q(f"Which town is {'farther' if len(towns) == 2 else 'farthest'} {direction}?", names, answer, hint=hint, scene=towns, kind="map",
                  solution=f"North is at the top of the map. {answer} is farther {direction} than the other towns.")
