@@ -23,7 +23,7 @@ import torch
 from model import config as C
 from model.data import DataError, VLDataset, check_images, collate, load_image, read_coco, read_scienceqa
 from model.evaluate import evaluate_coco, evaluate_scienceqa, generate, scienceqa_bounds
-from model.metrics import bounds_table, format_table, gap_closed, type_metrics
+from model.metrics import MIN_GAP, bounds_table, format_table, gap_closed, type_metrics
 from model.tokenizer import ByteTokenizer
 from model.train import (CheckpointError, backbone_fingerprint, default_device, distributed, fmt_time,
                          inheritable_at, load_adapters, load_checkpoint, train)
@@ -199,7 +199,8 @@ def report(cfg, result: dict) -> str:
         return "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
     out = format_table(result["metrics"], title=f"ScienceQA-format {result['split']} ({result['n']} items)")
     note = ("blind / oracle: the frozen decoder alone, given the prompt without the picture / with the picture "
-            "in words" if "bounds" in result else "")
+            f"in words; gap closed: (LSRM - blind) / (oracle - blind), where the oracle beats blind by >= {MIN_GAP:g} "
+            "points" if "bounds" in result else "")
     out += "\n\n" + bounds_table(result["by_type"], result["summary"]) + (f"\n{note}" if note else "")
     if result.get("why_no_oracle"):
         out += f"\n{result['why_no_oracle']}"

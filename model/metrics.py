@@ -111,10 +111,13 @@ def type_metrics(records) -> dict[str, dict]:
                 "image": t["image"]} for k, t in out.items()}
 
 
+MIN_GAP = 10.0      # points: a share of a smaller gap is mostly noise (one item of 50 is 2 points)
+
+
 def gap_closed(lsrm: float | None, blind: float | None, oracle: float | None) -> float | None:
     """Share (%) of the blind-to-oracle gap the visual memory closes: 100 (lsrm - blind) / (oracle - blind);
-    None where there is no oracle or no gap to close."""
-    if lsrm is None or blind is None or oracle is None or oracle - blind <= 0:
+    None where there is no oracle, or no gap to close (the oracle beats blind by less than MIN_GAP points)."""
+    if lsrm is None or blind is None or oracle is None or oracle - blind < MIN_GAP:
         return None
     return 100.0 * (lsrm - blind) / (oracle - blind)
 

@@ -146,8 +146,8 @@ def test_unknown_option_lists_the_valid_ones():
     assert "unknown option 'train.nope'" in r.stderr and "train.epochs" in r.stderr
 
 
-def test_a_word_list_larger_than_the_vocabulary_is_refused():
-    r = run("train", "--set", "llama.vocab_size=300")
+def test_a_word_list_larger_than_the_vocabulary_is_refused(tmp_path):
+    r = run("train", "--out", tmp_path / "run", "--set", "llama.vocab_size=300")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "words.txt" in r.stderr and "vocab_size=300" in r.stderr
 

@@ -186,6 +186,23 @@ def test_answers_are_balanced(sqa):
     assert blind < chance + 0.05, (blind, chance)
 
 
+def test_each_picture_type_has_one_full_set_of_choices():
+    """A picture answer's letter is a fixed function of the answer: one choice list per type (names of
+    owners and towns vary, their number does not), and every choice of it comes up as an answer."""
+    problems = json.loads((SQA / "problems.json").read_text())
+    by_category = collections.defaultdict(list)
+    for p in problems.values():
+        if p["image"]:
+            by_category[p["category"]].append(p)
+    assert len(by_category) == 9
+    for cat, ps in by_category.items():
+        lists = {tuple(p["choices"]) for p in ps}
+        assert len({len(c) for c in lists}) == 1, cat
+        if cat not in ("Spatial relations with owners", "Cardinal directions on a map"):
+            assert len(lists) == 1, (cat, list(lists)[:3])
+            assert {p["answer"] for p in ps} == set(range(len(ps[0]["choices"]))), cat
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts, tokens, batches
 

@@ -103,6 +103,7 @@ def test_type_metrics_and_the_bounds_table():
     assert t["Rhymes"] == {"acc": 100.0, "n": 1, "chance": pytest.approx(100 / 3), "image": False}
     assert gap_closed(75.0, 50.0, 100.0) == 50.0
     assert gap_closed(75.0, 50.0, None) is None and gap_closed(60.0, 50.0, 50.0) is None    # no gap to close
+    assert gap_closed(60.0, 50.0, 59.0) is None and gap_closed(60.0, 50.0, 60.0) == 100.0  # under 10 points: noise
     t["Left of"].update(blind=50.0, oracle=100.0)
     t["Colours"].update(blind=0.0, oracle=None)
     t["Rhymes"].update(blind=100.0, oracle=None)

@@ -174,6 +174,7 @@ class Q:
     scene: list[dict] | None = None
     kind: str = "shapes"               # "shapes" or "map" (picture questions only)
     shuffle: bool = False              # list the choices shuffled: their natural order gives the answer away
+    keep_order: bool = False           # list the choices as given: as the hint names owners, the legend towns
 
 
 class Rng(random.Random):
@@ -262,15 +263,14 @@ EDGES = {"top": ("y", min), "bottom": ("y", max), "left side": ("x", min), "righ
 def q_extreme(rng):
     edge = rng.deal("extreme", list(EDGES))
     axis, best = EDGES[edge]
+    want = rng.deal("extreme colour", list(COLOURS))
 
     def make():
         objects = place(rng, random_kinds(rng, rng.randint(2, 4)))
-        if (first := first_clearly(objects, axis, best)) is None:
+        if (first := first_clearly(objects, axis, best)) is None or first["colour"] != want:
             return None
-        refs = [ref(rng, o, objects) for o in objects]
-        answer = refs[objects.index(first)]
-        return Q(f"Which shape is closest to the {edge} of the picture?", refs, answer, scene=objects,
-                 solution=f"{answer.capitalize()} is nearer the {edge} than any other shape.")
+        return Q(f"What colour is the shape closest to the {edge} of the picture?", list(COLOURS), first["colour"],
+                 scene=objects, solution=f"The {name(first)} is nearer the {edge} than any other shape.")
     return until(make)
 
 
@@ -285,7 +285,7 @@ def q_colour_beside(rng):
         if (other := only_beyond(objects, anchor, side)) is None or other["colour"] != want:
             return None
         r = ref(rng, anchor, objects)
-        return Q(f"What colour is the shape {side} {r}?", pick(rng, want, list(COLOURS), rng.randint(3, 4)), want,
+        return Q(f"What colour is the shape {side} {r}?", list(COLOURS), want,
                  scene=objects, solution=f"Only one shape is {side} {r}: the {name(other)}. It is {want}.")
     return until(make)
 
@@ -301,7 +301,7 @@ def q_count(rng):
         rng.sample([p for p in pairs if p[key] != attr], n - want)
     objects = place(rng, kinds)
     what = f"{attr} shapes" if by_colour else plural(attr)
-    return Q(f"How many {what} are there?", pick(rng, str(want), ["0", "1", "2", "3"], rng.randint(3, 4)), str(want),
+    return Q(f"How many {what} are there?", ["0", "1", "2", "3"], str(want),
              scene=objects, solution=f"Count the {what} in the picture. There {'is' if want == 1 else 'are'} {want}.")
 
 
@@ -323,13 +323,15 @@ def q_compare_count(rng):
 
 
 def q_nearest(rng):
+    want = rng.deal("nearest", list(COLOURS))
+
     def make():
         objects = place(rng, random_kinds(rng, rng.randint(3, 4)))
         target = rng.choice(objects)
-        if (others := nearest_to(objects, target)) is None:
+        if (others := nearest_to(objects, target)) is None or others[0]["colour"] != want:
             return None
         r = ref(rng, target, objects)
-        return Q(f"Which shape is nearest to {r}?", [f"the {name(o)}" for o in others], f"the {name(others[0])}",
+        return Q(f"What colour is the shape nearest to {r}?", list(COLOURS), others[0]["colour"],
                  scene=objects, solution=f"The {name(others[0])} is closer to {r} than the other shapes are.")
     return until(make)
 
@@ -341,6 +343,7 @@ OWNER_RELS = {"higher up in": ("y", min), "lower down in": ("y", max), "farther 
 def q_owner(rng):
     rel = rng.choice(list(OWNER_RELS))
     axis, best = OWNER_RELS[rel]
+    first_wins = rng.deal("owner", [True, False])       # the owner the hint names first is the answer
 
     def make():
         objects = place(rng, random_kinds(rng, rng.randint(2, 4)))
@@ -349,8 +352,10 @@ def q_owner(rng):
             return None
         p, q = rng.sample(NAMES, 2)
         winner = p if best(a[axis], b[axis]) == a[axis] else q
+        if (winner == p) != first_wins:
+            return None
         hint = f"{p} owns {ref(rng, a, objects)}. {q} owns {ref(rng, b, objects)}."
-        return Q(f"Whose shape is {rel} the picture?", [p, q], winner, hint=hint, scene=objects,
+        return Q(f"Whose shape is {rel} the picture?", [p, q], winner, hint=hint, scene=objects, keep_order=True,
                  solution=f"{winner}'s shape is {rel} the picture.")
     return until(make)
 
@@ -361,15 +366,16 @@ MAP_EDGES = {"north": ("y", min), "south": ("y", max), "west": ("x", min), "east
 def q_map_farthest(rng):
     direction = rng.deal("farthest", DIRECTIONS)
     axis, best = MAP_EDGES[direction]
+    want = rng.deal("farthest colour", list(COLOURS))
 
     def make():
-        towns = place(rng, [(c, "square") for c in rng.sample(list(COLOURS), rng.randint(2, 4))], TOWN_SIZES)
-        if (first := first_clearly(towns, axis, best)) is None:
+        towns = place(rng, [(c, "square") for c in COLOURS], TOWN_SIZES)      # one town per colour, listed in
+        if (first := first_clearly(towns, axis, best)) is None or first["colour"] != want:   # palette order
             return None
         names = rng.sample(TOWNS, len(towns))
         hint = "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
         answer = names[towns.index(first)]
-        return Q(f"Which town is {'farther' if len(towns) == 2 else 'farthest'} {direction}?", names, answer, hint=hint, scene=towns, kind="map",
+        return Q(f"Which town is farthest {direction}?", names, answer, hint=hint, scene=towns, kind="map", keep_order=True,
                  solution=f"North is at the top of the map. {answer} is farther {direction} than the other towns.")
     return until(make)
 
@@ -383,7 +389,7 @@ def q_map_direction(rng):
         if clear_direction(a, b) != want:
             return None
         return Q(f"In which direction is the {a['colour']} town from the {b['colour']} town?",
-                 pick(rng, want, DIRECTIONS, rng.randint(2, 4)), want, scene=towns, kind="map",
+                 DIRECTIONS, want, scene=towns, kind="map",
                  solution=f"North is at the top of a map. The {a['colour']} town lies {want} of the {b['colour']} town.")
     return until(make)
 
@@ -617,7 +623,8 @@ def canonical_choices(q: Q) -> list[str]:
 
 def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
     """Choices in the fixed natural order, except where that order would give the answer away (q.shuffle:
-    which word comes first/last alphabetically): those are shuffled with balanced letters.
+    which word comes first/last alphabetically): those are shuffled with balanced letters; and except
+    q.keep_order (owners, towns): as the hint lists them.
 
     Why fixed: reading an arbitrary option list to find the letter of an answer (a content -> letter
     lookup) is a skill a ~1M-parameter decoder does not learn in the minutes of pretraining the tiny path
@@ -625,6 +632,8 @@ def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
     the answer."""
     if q.shuffle:
         return shuffle_choices(rng, q, deck)
+    if q.keep_order:
+        return list(q.choices)
     return canonical_choices(q)
 
 
