@@ -4,9 +4,10 @@
   pooled CLS token), as CLIP's contrastive objective is classification-like. This is the paper's
   motivation: the final layer learns *what* is there and need not keep *where*; relationships must be
   recovered from intermediate layers (multilevel fusion).
-- Decoder: a byte-level language model on toy text from the same world (scene descriptions with
-  questions answered from them, text-only and hint questions in the fine-tuning prompt format), drawn
-  with a different seed than tiny_data, as LLaMA has read text like ScienceQA's before.
+- Decoder: a language model (tokens: bytes plus the words of tiny_data/words.txt) on toy text from the
+  same world (picture questions with the picture in words, as the oracle bound gives it, text-only and
+  hint questions, all in the fine-tuning prompt format), drawn with a different seed than tiny_data, as
+  LLaMA has read text like ScienceQA's before and can reason about a scene described to it.
 
 Both are deterministic. `python lsrm.py pretrain` writes them to tiny_data/backbones/{vit,lm}.pt, the
 committed files `train` uses (README gives the command, torch version and checksums); a config or recipe
@@ -41,8 +42,8 @@ BACKBONES = ROOT / "tiny_data" / "backbones"          # committed: written by `p
 BACKBONE_FORMAT = "lsrm-tiny-backbone-v1"
 
 VIT_RECIPE = dict(seed=1234, pool=6000, steps=1200, batch=32, lr=2e-3, weight_decay=0.05)
-# 3,000 steps (~17 min): at 600, text questions were at 80% and picture-in-words ones at chance (README)
-LM_RECIPE = dict(seed=4321, docs=100000, steps=3000, batch=32, seq_len=128, lr=3e-3, weight_decay=0.1,
+# rows of 224 tokens hold a picture-in-words question whole (at 128 most were dropped); ~24 min (README)
+LM_RECIPE = dict(seed=4321, docs=100000, steps=3200, batch=24, seq_len=224, lr=3e-3, weight_decay=0.1,
                  answer_weight=10.0)
 
 

@@ -93,12 +93,17 @@ def test_the_picture_in_words_states_what_the_questions_ask():
     objects = [dict(colour="red", shape="circle", x=10, y=10), dict(colour="blue", shape="square", x=50, y=12),
                dict(colour="green", shape="triangle", x=30, y=50)]
     words = gen.scene_in_words(objects)
-    assert "The red circle is to the left of the blue square." in words
-    assert "The red circle is above the blue square." not in words               # 2 px apart: too close to call
+    # the objects in order along each direction: the first listed is the one nearest that edge (a question
+    # asks only about clear orders); the counts; the one shape beside another
+    assert "Left to right: red circle, green triangle, blue square." in words
+    assert "Bottom to top: green triangle, blue square, red circle." in words
     assert "Counts: 1 red, 1 green, 1 blue, 0 yellow; 1 circles, 1 squares, 1 triangles." in words
     assert "The only shape to the right of the green triangle is the blue square." in words
     assert "The only shape below the red circle" not in words                  # the square is level with it
-    assert "The green triangle is closest to the bottom." in words
+    town = [dict(colour="red", shape="square", x=10, y=10), dict(colour="blue", shape="square", x=40, y=14)]
+    assert gen.scene_in_words(town, "map") == ("West to east: red town, blue town. East to west: blue town, red town. "
+                                               "North to south: red town, blue town. South to north: blue town, red "
+                                               "town. The red town is west of the blue town.")
 
 
 def test_text_corpus_uses_the_fine_tuning_format():
@@ -110,8 +115,8 @@ def test_text_corpus_uses_the_fine_tuning_format():
         assert "\nContext: " in prompt and "\nOptions: (A) " in prompt
         letter = answer.removeprefix(" The answer is ").removesuffix(".")
         assert answer == f" The answer is {letter}." and f"({letter}) " in prompt
-    # pictures in words: their context describes the scene
-    assert any("The picture shows" in d and d.startswith("Question: ") for d in docs)
+    # pictures in words: their context describes the scene as the oracle bound does
+    assert any("Left to right: " in d and "Counts: " in d and d.startswith("Question: ") for d in docs)
 
 
 # ---------------------------------------------------------------------------------------------

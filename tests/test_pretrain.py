@@ -24,6 +24,15 @@ def tok():
     return WordTokenizer(ROOT / TINY.train.tokenizer)
 
 
+def test_pretraining_rows_hold_the_pictures_in_words_whole(tok):
+    """A document longer than a row is dropped from the LM's pretraining (pack_documents): no picture
+    question with its picture in words may be (at 128-token rows most were, and the oracle stayed low)."""
+    docs = P._world().text_corpus(P.LM_RECIPE["seed"], 1500)
+    pictures = [d for d in docs if d.startswith("Question: ") and ("Counts: " in d or "West to east: " in d)]
+    assert len(pictures) > 400                                           # 35% of the documents
+    assert max(len(tok.encode(d, bos=True, eos=True)) for d in docs) <= P.LM_RECIPE["seq_len"] + 1
+
+
 def run(*args):
     return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=CHILD_ENV)

@@ -174,7 +174,7 @@ class Q:
     scene: list[dict] | None = None
     kind: str = "shapes"               # "shapes" or "map" (picture questions only)
     shuffle: bool = False              # list the choices shuffled: their natural order gives the answer away
-    keep_order: bool = False           # list the choices as given: as the hint names owners, the legend towns
+    keep_order: bool = False           # list the choices as the hint names them (owners, legend towns, numbers)
 
 
 class Rng(random.Random):
@@ -408,24 +408,24 @@ THINGS = ["cup of tea", "bowl of soup", "pot of water", "glass of milk", "mug of
 def q_thermal(rng):
     thing = rng.choice(THINGS)
     k = rng.randint(2, 3)
-    temps = rng.sample(range(10, 95, 5), k)
+    temps = rng.sample(range(10, 95, 10), k)                     # two digits each, tens all different
     labels = [f"{thing.split()[0]} {'ABC'[i]}" for i in range(k)]
     more = rng.deal("thermal", [True, False])
     answer = labels[temps.index(max(temps) if more else min(temps))]
     hint = (f"Same mass. " + " ".join(f"{l.capitalize()} is at {t} C." for l, t in zip(labels, temps)))
     amount = ("more" if more else "less") if k == 2 else ("the most" if more else "the least")
-    return Q(f"Which {thing.split()[0]} has {amount} thermal energy?", labels, answer, hint=hint,
+    return Q(f"Which {thing.split()[0]} has {amount} thermal energy?", labels, answer, hint=hint, keep_order=True,
              solution=f"With the same mass, the {'hotter' if more else 'colder'} object has {'more' if more else 'less'} thermal energy.")
 
 
 def q_population(rng):
     k = rng.randint(2, 3)
-    towns, people = rng.sample(TOWNS, k), [100 * p for p in rng.sample(range(1, 30), k)]
+    towns, people = rng.sample(TOWNS, k), [100 * p for p in rng.sample(range(1, 10), k)]   # 100-900: 3 digits
     most = rng.deal("population", [True, False])
     answer = towns[people.index(max(people) if most else min(people))]
     hint = " ".join(f"{t} has {p} people." for t, p in zip(towns, people))
     amount = ("more" if most else "fewer") if k == 2 else ("the most" if most else "the fewest")
-    return Q(f"Which town has {amount} people?", towns, answer, hint=hint,
+    return Q(f"Which town has {amount} people?", towns, answer, hint=hint, keep_order=True,
              solution=f"{answer} has {'more' if most else 'fewer'} people than the other {'town' if k == 2 else 'towns'}.")
 
 
@@ -439,13 +439,13 @@ def q_trade(rng):
         x, y = rng.sample(TOYS, 2)
         hint = f"At the toy shop, a {x} costs {a} coins and a {y} costs {b} coins."
         answer = f"the {x}" if (a > b) == more else f"the {y}"
-        return Q(f"Which toy costs {'more' if more else 'less'}?", [f"the {x}", f"the {y}"], answer, hint=hint,
+        return Q(f"Which toy costs {'more' if more else 'less'}?", [f"the {x}", f"the {y}"], answer, hint=hint, keep_order=True,
                  solution=f"Compare the prices: {a} coins and {b} coins.")
     x, y = rng.sample(NAMES, 2)
     thing = rng.choice(HOLDINGS)
     hint = f"{x} has {a} {thing} and {y} has {b}."
     answer = x if (a > b) == more else y
-    return Q(f"Who has {'more' if more else 'fewer'} {thing}?", [x, y], answer, hint=hint,
+    return Q(f"Who has {'more' if more else 'fewer'} {thing}?", [x, y], answer, hint=hint, keep_order=True,
              solution=f"Compare the numbers: {a} and {b}.")
 
 
@@ -624,7 +624,7 @@ def canonical_choices(q: Q) -> list[str]:
 def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
     """Choices in the fixed natural order, except where that order would give the answer away (q.shuffle:
     which word comes first/last alphabetically): those are shuffled with balanced letters; and except
-    q.keep_order (owners, towns): as the hint lists them.
+    q.keep_order (owners, towns, the things a hint gives numbers for): as the hint lists them.
 
     Why fixed: reading an arbitrary option list to find the letter of an answer (a content -> letter
     lookup) is a skill a ~1M-parameter decoder does not learn in the minutes of pretraining the tiny path
@@ -772,27 +772,26 @@ def describe(objects: list[dict], kind: str = "shapes") -> str:
     return " ".join(parts)
 
 
+ORDERS = {"shapes": {"Left to right": ("x", False), "Right to left": ("x", True), "Top to bottom": ("y", False),
+                     "Bottom to top": ("y", True)},
+          "map": {"West to east": ("x", False), "East to west": ("x", True), "North to south": ("y", False),
+                  "South to north": ("y", True)}}
+
+
 def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
-    """The picture in words for the *oracle* bound (problems.json "description"): every fact a picture
-    question can ask about (relations, extremes, counts, the one shape beside another, nearest shapes,
-    map directions), so a decoder that reads it needs no image."""
-    def clear_extremes(edges, nm):
-        return [f"{nm(first).capitalize()} is " + (f"farthest {edge}." if kind == "map" else f"closest to the {edge}.")
-                for edge, (axis, best) in edges.items() if (first := first_clearly(objects, axis, best))]
-
-    if kind == "map":
-        def nm(o):
-            return f"the {o['colour']} town"
-        parts = ["North is at the top of the map. The map shows " + join_and([nm(o) for o in objects]) + "."]
-        for i, a in enumerate(objects):
-            for b in objects[i + 1:]:
-                if d := clear_direction(a, b):
-                    parts.append(f"{nm(a).capitalize()} is {d} of {nm(b)}.")
-        return " ".join(parts + clear_extremes(MAP_EDGES, nm))
-
+    """The picture in words for the *oracle* bound (problems.json "description") and for the decoder's
+    pretraining: every fact a picture question can ask about, each where a lookup finds it. The objects in
+    order along each direction (relations, extremes, owners, the farthest town: the first listed wins),
+    the counts, the one shape beside another, the nearest shape, the clear direction between two towns."""
     def nm(o):
-        return f"the {name(o)}"
-    parts = [describe(objects)] + clear_extremes(EDGES, nm)          # the objects and every clear relation
+        return f"the {o['colour']} town" if kind == "map" else f"the {name(o)}"
+
+    parts = [f"{label}: " + ", ".join(nm(o)[4:] for o in sorted(objects, key=lambda o: o[axis], reverse=rev)) + "."
+             for label, (axis, rev) in ORDERS[kind].items()]
+    if kind == "map":
+        parts += [f"{nm(a).capitalize()} is {d} of {nm(b)}." for i, a in enumerate(objects) for b in objects[i + 1:]
+                  if (d := clear_direction(a, b))]
+        return " ".join(parts)
     parts.append("Counts: " + ", ".join(f"{sum(o['colour'] == c for o in objects)} {c}" for c in COLOURS) + "; " +
                  ", ".join(f"{sum(o['shape'] == s for o in objects)} {plural(s)}" for s in SHAPES) + ".")
     parts += [f"The only shape {side} {nm(anchor)} is {nm(other)}."
@@ -804,9 +803,6 @@ def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
 
 PICTURE_TYPES = [q_relation, q_extreme, q_colour_beside, q_count, q_compare_count, q_nearest, q_owner,
                  q_map_farthest, q_map_direction]
-# those whose answer follows from `describe`: it states no distances (nearest) and cannot say which of
-# two offsets is the larger (map direction)
-DESCRIBABLE = [f for f in PICTURE_TYPES if f not in (q_nearest, q_map_direction)]
 
 
 LOOKUP_WORDS = sorted({w for ws in WORD_KINDS.values() for w in ws} | set(DICTIONARY) | set(SHAPES) | set(COLOURS)
@@ -827,21 +823,23 @@ def text_corpus(seed: int, n: int) -> list[str]:
 
     Questions are complete fine-tuning sequences (prompt + target, model/data.py), so the pretrained
     decoder knows the language and the answer format; picture questions carry the picture *in words*
-    in the context, so at fine-tuning time (context "N/A") only the image can answer them. The lookup
+    in the context, in the oracle bound's own words (`scene_in_words`), so the decoder can reason about a
+    scene before any PEFT, as LLaMA can; at fine-tuning time (context "N/A") only the image can answer them. The lookup
     questions ("Which option is blue?") are short and teach the one skill every answer needs, reading
     the letter of a choice, as an instruction-tuned LLaMA already can.
     """
     from model.data import scienceqa_prompt, scienceqa_target
     rng = Rng(seed)
     text_types = [t for t in QTYPES if t.make not in PICTURE_TYPES]
+    picture_types = [t for t in QTYPES if t.make in PICTURE_TYPES]
     docs = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.9:                    # a question: 10% a picture in words, 50% text or hint, 30% lookup
-            if r < 0.1:
-                q = rng.choice(DESCRIBABLE)(rng)
-                context = (q.hint + " " if q.hint else "") + describe(q.scene, q.kind)
-            elif r < 0.6:
+        if r < 0.9:                    # a question: 35% a picture in words, 45% text or hint, 10% lookup
+            if r < 0.35:               # the picture in words exactly as the oracle bound states it
+                q = rng.choices(picture_types, weights=[t.weight for t in picture_types])[0].make(rng)
+                context = (q.hint + " " if q.hint else "") + scene_in_words(q.scene, q.kind)
+            elif r < 0.8:
                 t = rng.choices(text_types, weights=[t.weight for t in text_types])[0]
                 q = t.make(rng)
                 context = q.hint
