@@ -29,7 +29,7 @@ def console_cases():
 
 
 def run(command: str, extra=()):
-    argv = shlex.split(command.replace("\\\n", " "))
+    argv = shlex.split(command.replace("\\\n", " "), comments=True)
     assert argv[0] == "python", command
     return subprocess.run([sys.executable, *argv[1:], *extra], cwd=ROOT, capture_output=True, text=True,
                           env=CHILD_ENV)
@@ -56,8 +56,11 @@ def smoke_ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("command", BASH)
 def test_bash_commands_run(command, tmp_path, request):
-    """train/ablate at smoke size; commands that read a checkpoint read a smoke run's; outputs go to tmp."""
+    """train/ablate/probe at smoke size; commands that read a checkpoint read a smoke run's; outputs go to tmp."""
     extra = [*SMOKE, "--out", str(tmp_path)] if command.split()[2] in ("train", "ablate") else []
+    if command.split()[2] == "probe":          # random ViT, a few pictures and steps; nothing written to figures/
+        extra = ["--set", "train.pretrained=false", "--train", "64", "--test", "32", "--steps", "5",
+                 "--out", str(tmp_path)]
     if "--ckpt" in command:
         ckpt = str(request.getfixturevalue("smoke_ckpt"))
         command = re.sub(r"--ckpt \S+", lambda m: f"--ckpt {ckpt}", command)
