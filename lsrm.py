@@ -435,6 +435,32 @@ def cmd_visualize(args) -> None:
     f3 = save(figure3(model, tokenizer, pil, image, text, positions), out / "figure3_inheritable_M.png")
     f5 = save(figure5(model, pil, image), out / "figure5_lambda_and_maps.png")
     print(f"answer: {tokenizer.decode(answer)!r}\nwrote {f3}\nwrote {f5}")
+    if cfg.train.task == "scienceqa" and not args.image:
+        print_focus(model, cfg, tokenizer, examples, device)
+
+
+def print_focus(model, cfg, tokenizer, examples, device, limit: int = 200) -> None:
+    """Figure 3's claim as a number: on up to `limit` test pictures, M on the patches of each object the
+    question names by one of the toy palette's colours ("the red circle": the token after "red"), against
+    M on the rest of the picture (model/visualize.py focus_on_named)."""
+    from PIL import Image
+    from model.pretrain import _world
+    from model.visualize import colour_mask, focus_on_named
+    palette = _world().COLOURS
+    items = []
+    for ex in [e for e in examples if e.image is not None][:limit]:
+        ids = [tokenizer.bos_id] + tokenizer.encode(ex.prompt.split("\n")[0])      # the question line
+        pil = Image.open(ex.image)
+        named = [(p + 1, colour_mask(pil, palette[word], cfg.vit.grid)) for p in range(1, len(ids) - 1)
+                 if (word := tokenizer.decode([ids[p]]).strip()) in palette]
+        if named:
+            image = load_image(ex.image, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+            items.append((torch.tensor([ids], device=device), image, named))
+    f = focus_on_named(model, items)
+    if f["tokens"]:
+        print(f"Figure 3 as a number ({f['tokens']} tokens naming an object by colour, {len(items)} test pictures): "
+              f"mean M {f['on']:.3f} on the named object's patches, {f['off']:.3f} on the rest "
+              f"(x{f['ratio']:.2f}; higher on the object for {100 * f['share_higher']:.1f}% of the tokens)")
 
 
 def cmd_probe(args) -> None:

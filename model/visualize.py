@@ -65,6 +65,38 @@ def inheritable_maps(model: LSRM, tokens: torch.Tensor, image: torch.Tensor) -> 
     return read.M[0, :, : model.cfg.vit.n_patches].float().cpu()                      # (T, P)
 
 
+def colour_mask(pil_image: Image.Image, rgb: tuple[int, int, int], grid: int, share: float = 0.1,
+                tolerance: float = 60.0) -> np.ndarray:
+    """(grid*grid,) bool: the patches where at least `share` of the pixels are within `tolerance` of rgb."""
+    a = np.asarray(pil_image.convert("RGB"), dtype=np.float64)
+    near = np.linalg.norm(a - np.array(rgb, dtype=np.float64), axis=-1) < tolerance      # (H, W)
+    h, w = near.shape
+    cells = near[: h // grid * grid, : w // grid * grid].reshape(grid, h // grid, grid, w // grid)
+    return (cells.mean(axis=(1, 3)) >= share).reshape(-1)
+
+
+@torch.no_grad()
+def focus_on_named(model: LSRM, items) -> dict:
+    """How much of M stays on the patches of the object a text token names (the paper's Figure 3 claim).
+
+    items: (tokens (1, T), image (1, 3, H, W), [(position, patch mask (P,) bool), ...]) per picture.
+    Per named token: mean of M over the object's patches ("on") and over the other patches ("off");
+    averaged over all named tokens. M = 1 everywhere would give on = off."""
+    on, off = [], []
+    for tokens, image, named in items:
+        M = inheritable_maps(model, tokens, image)                                      # (T, P)
+        for pos, mask in named:
+            mask = torch.as_tensor(mask)
+            if mask.any() and (~mask).any():
+                on.append(float(M[pos, mask].mean()))
+                off.append(float(M[pos, ~mask].mean()))
+    if not on:
+        return {"tokens": 0}
+    m_on, m_off = float(np.mean(on)), float(np.mean(off))
+    return {"tokens": len(on), "on": m_on, "off": m_off, "ratio": m_on / m_off,
+            "share_higher": float(np.mean([a > b for a, b in zip(on, off)]))}
+
+
 def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor, text: str,
             positions: list[int]) -> Image.Image:
     """Overlays of M for the tokens at `positions` of `text` (the prompt plus the generated answer)."""

@@ -197,6 +197,7 @@ def test_visualize_writes_both_figures(trained, tmp_path):
     out, _ = trained
     r = run("visualize", "--ckpt", out / "checkpoint.pt", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Figure 3 as a number (" in r.stdout                   # M on the named objects' patches vs the rest
     from PIL import Image
     for name in ("figure3_inheritable_M.png", "figure5_lambda_and_maps.png"):
         with Image.open(tmp_path / name) as im:

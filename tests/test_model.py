@@ -168,3 +168,29 @@ def test_mixed_batch_runs_the_vit_only_on_images():
         alone = model.encode_images(images[[0, 2]], torch.ones(2))
     assert torch.equal(z[1], torch.zeros_like(z[1]))
     torch.testing.assert_close(z[[0, 2]], alone)
+
+
+def test_colour_mask_finds_the_patches_of_a_painted_shape():
+    from PIL import Image, ImageDraw
+    from model.visualize import colour_mask
+    img = Image.new("RGB", (64, 64), (245, 245, 240))
+    ImageDraw.Draw(img).rectangle([16, 8, 31, 15], fill=(220, 40, 40))       # columns 2-3 of row 1 (8-px cells)
+    mask = colour_mask(img, (220, 40, 40), 8).reshape(8, 8)
+    assert mask.sum() == 2 and mask[1, 2] and mask[1, 3]
+    assert not colour_mask(img, (40, 80, 220), 8).any()
+
+
+def test_focus_on_named_is_M_on_the_mask_against_M_off_it():
+    from model.visualize import focus_on_named, inheritable_maps
+    model = trained_like(build(tiny(inheritable=True))).eval()
+    tokens, images = batch(model.cfg, B=1)
+    P = model.cfg.vit.n_patches
+    mask = torch.zeros(P, dtype=torch.bool)
+    mask[: P // 4] = True
+    M = inheritable_maps(model, tokens, images)                               # (T, P)
+    f = focus_on_named(model, [(tokens, images, [(5, mask), (9, mask), (9, torch.ones(P, dtype=torch.bool))])])
+    assert f["tokens"] == 2                                                   # an all-patches mask has no "rest"
+    on = (M[5, mask].mean() + M[9, mask].mean()) / 2
+    off = (M[5, ~mask].mean() + M[9, ~mask].mean()) / 2
+    assert f["on"] == pytest.approx(float(on)) and f["off"] == pytest.approx(float(off))
+    assert (M < 1).any()                                                      # M has decayed somewhere
