@@ -445,7 +445,8 @@ def print_focus(model, cfg, tokenizer, examples, device, limit: int = 200) -> No
     M on the rest of the picture (model/visualize.py focus_on_named)."""
     from PIL import Image
     from model.pretrain import _world
-    from model.visualize import colour_mask, focus_on_named
+    import numpy as np
+    from model.visualize import colour_mask, focus_on_named, projector_maps
     palette = _world().COLOURS
     items = []
     for ex in [e for e in examples if e.image is not None][:limit]:
@@ -457,6 +458,15 @@ def print_focus(model, cfg, tokenizer, examples, device, limit: int = 200) -> No
             image = load_image(ex.image, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
             items.append((torch.tensor([ids], device=device), image, named))
     f = focus_on_named(model, items)
+    ratios = []                     # Figure 5b: each projector's activation on the objects vs the background
+    for _, image, named in items:
+        objects = np.logical_or.reduce([m for _, m in named])
+        if objects.any() and not objects.all():
+            ratios.append([m[objects].mean() / m[~objects].mean() for m in projector_maps(model, image)])
+    if ratios:
+        r = np.mean(ratios, axis=0)
+        print("Figure 5b as a number: mean |SRProj(x_p)| on the named objects' patches / on the rest, per tapped "
+              "block (counted from 1): " + ", ".join(f"block {t + 1} x{v:.2f}" for t, v in zip(cfg.lsrm.taps, r)))
     if f["tokens"]:
         print(f"Figure 3 as a number ({f['tokens']} tokens naming an object by colour, {len(items)} test pictures): "
               f"mean M {f['on']:.3f} on the named object's patches, {f['off']:.3f} on the rest "

@@ -115,15 +115,19 @@ def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor,
 
 
 @torch.no_grad()
+def projector_maps(model: LSRM, image: torch.Tensor) -> list[np.ndarray]:
+    """Per tapped layer, |SRProj_l(x_p)| for every patch p of `image` (1, 3, H, W): a (P,) array each."""
+    model.eval()
+    hidden = model.visual(image, model.cfg.lsrm.taps)
+    return [proj(model.visual.ln_post(h[:, 1:]).to(proj.fc1.weight.dtype))[0].norm(dim=-1).float().cpu().numpy()
+            for proj, h in zip(model.memory.projectors, hidden)]                     # (1, P, D) -> (P,)
+
+
+@torch.no_grad()
 def figure5(model: LSRM, pil_image: Image.Image, image: torch.Tensor) -> Image.Image:
     """(a) Λ of each projector, sorted; (b) per-patch activation norm of each projector on the image."""
-    model.eval()
     taps = model.cfg.lsrm.taps
-    hidden = model.visual(image, taps)
-    maps = []
-    for proj, h, t in zip(model.memory.projectors, hidden, taps):
-        out = proj(model.visual.ln_post(h[:, 1:]).to(proj.fc1.weight.dtype))      # (1, P, D)
-        maps.append((t, out[0].norm(dim=-1).reshape(model.cfg.vit.grid, -1).float().cpu().numpy()))
+    maps = [(t, m.reshape(model.cfg.vit.grid, -1)) for t, m in zip(taps, projector_maps(model, image))]
     tiles = [(f"block {t + 1} projector |SRProj(x_p)|", overlay(pil_image, m)) for t, m in maps]
     bars = []
     for proj, t in zip(model.memory.projectors, taps):

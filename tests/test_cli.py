@@ -198,6 +198,7 @@ def test_visualize_writes_both_figures(trained, tmp_path):
     r = run("visualize", "--ckpt", out / "checkpoint.pt", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Figure 3 as a number (" in r.stdout                   # M on the named objects' patches vs the rest
+    assert "Figure 5b as a number: " in r.stdout                  # each projector's map on the objects vs the rest
     from PIL import Image
     for name in ("figure3_inheritable_M.png", "figure5_lambda_and_maps.png"):
         with Image.open(tmp_path / name) as im:
