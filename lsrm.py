@@ -440,13 +440,13 @@ def cmd_visualize(args) -> None:
 
 
 def print_focus(model, cfg, tokenizer, examples, device, limit: int = 200) -> None:
-    """Figure 3's claim as a number: on up to `limit` test pictures, M on the patches of each object the
-    question names by one of the toy palette's colours ("the red circle": the token after "red"), against
-    M on the rest of the picture (model/visualize.py focus_on_named)."""
+    """Figures 3 and 5b's claims as numbers, on up to `limit` test pictures: M on the patches of each object
+    the question names by one of the toy palette's colours ("the red circle": the token after "red")
+    against M on the rest of the picture, and each projector's activation there against the rest
+    (model/visualize.py focus_on_named, projector_focus)."""
     from PIL import Image
     from model.pretrain import _world
-    import numpy as np
-    from model.visualize import colour_mask, focus_on_named, projector_maps
+    from model.visualize import colour_mask, focus_on_named, projector_focus
     palette = _world().COLOURS
     items = []
     for ex in [e for e in examples if e.image is not None][:limit]:
@@ -457,14 +457,8 @@ def print_focus(model, cfg, tokenizer, examples, device, limit: int = 200) -> No
         if named:
             image = load_image(ex.image, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
             items.append((torch.tensor([ids], device=device), image, named))
-    f = focus_on_named(model, items)
-    ratios = []                     # Figure 5b: each projector's activation on the objects vs the background
-    for _, image, named in items:
-        objects = np.logical_or.reduce([m for _, m in named])
-        if objects.any() and not objects.all():
-            ratios.append([m[objects].mean() / m[~objects].mean() for m in projector_maps(model, image)])
-    if ratios:
-        r = np.mean(ratios, axis=0)
+    f, r = focus_on_named(model, items), projector_focus(model, items)
+    if r:
         print("Figure 5b as a number: mean |SRProj(x_p)| on the named objects' patches / on the rest, per tapped "
               "block (counted from 1): " + ", ".join(f"block {t + 1} x{v:.2f}" for t, v in zip(cfg.lsrm.taps, r)))
     if f["tokens"]:

@@ -123,6 +123,17 @@ def projector_maps(model: LSRM, image: torch.Tensor) -> list[np.ndarray]:
             for proj, h in zip(model.memory.projectors, hidden)]                     # (1, P, D) -> (P,)
 
 
+def projector_focus(model: LSRM, items) -> list[float] | None:
+    """Figure 5b's claim as numbers: per tapped layer, |SRProj_l(x_p)| on the named objects' patches (the
+    union of each picture's masks, `items` as in focus_on_named) over that on the rest, averaged over pictures."""
+    ratios = []
+    for _, image, named in items:
+        objects = np.logical_or.reduce([np.asarray(m) for _, m in named])
+        if objects.any() and not objects.all():
+            ratios.append([m[objects].mean() / m[~objects].mean() for m in projector_maps(model, image)])
+    return [float(r) for r in np.mean(ratios, axis=0)] if ratios else None
+
+
 @torch.no_grad()
 def figure5(model: LSRM, pil_image: Image.Image, image: torch.Tensor) -> Image.Image:
     """(a) Λ of each projector, sorted; (b) per-patch activation norm of each projector on the image."""
