@@ -23,7 +23,7 @@ import torch
 from model import config as C
 from model.data import DataError, VLDataset, check_images, collate, load_image, read_coco, read_scienceqa
 from model.evaluate import evaluate_coco, evaluate_scienceqa, generate, scienceqa_bounds
-from model.metrics import MIN_GAP, bounds_table, format_table, gap_closed, type_metrics
+from model.metrics import MIN_GAP, bounds_table, format_table, gap_closed, seeds_tables, type_metrics
 from model.tokenizer import ByteTokenizer
 from model.train import (CheckpointError, backbone_fingerprint, default_device, distributed, fmt_time,
                          inheritable_at, load_adapters, load_checkpoint, train)
@@ -346,66 +346,55 @@ def cmd_stepcheck(args) -> None:
                       "peak_memory_gib": round(peak, 2)}))
 
 
-def ladder(cfg: C.Config) -> list[tuple[str, C.Config]]:
-    """The paper's Table 5: MemVP, then each LSRM component added in turn (the last row is `cfg` itself)."""
-    base = C.memvp(cfg)
-    fused = C.apply_overrides(C.memvp(cfg), [f"lsrm.taps={','.join(map(str, cfg.lsrm.taps))}",
-                                             f"lsrm.proj_hidden={cfg.lsrm.proj_hidden}"])
-    sr = C.apply_overrides(C.Config.from_dict(fused.to_dict()), ["lsrm.srproj=true"])
-    full = C.apply_overrides(C.Config.from_dict(sr.to_dict()), ["lsrm.inheritable=true"])
-    return [("MemVP (baseline)", base), ("+ multilevel fusion", fused), ("+ SRProj", sr),
-            ("+ inheritable CA (LSRM)", full)]
-
-
 def cmd_ablate(args) -> None:
-    """Table 5 at tiny scale: each ladder row over several seeds, then a δ / λ sweep (Figure 4)."""
-    import statistics
+    """Table 5 at tiny scale: each ladder row over several seeds, then a δ / λ sweep (Figure 4) around the
+    defaults, its centre included. A run the ladder already made (same config, same seed) is not repeated."""
     cfg = load_config(args.config, args.set)
     device = default_device()
     tokenizer = make_tokenizer(cfg)
     train_data = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
     test_data = make_dataset(cfg, cfg.train.eval_split, tokenizer)
     d, lam = cfg.lsrm.delta, cfg.lsrm.lam
-    runs = [(name, c, s) for name, c in ladder(cfg) for s in range(args.seeds)]
-    sweep = [(f"δ={x}, λ={lam}", [f"lsrm.delta={x}"]) for x in args.deltas if x != d] + \
-            [(f"δ={d}, λ={x}", [f"lsrm.lam={x}"]) for x in args.lams if x != lam]
-    runs += [(name, C.apply_overrides(C.Config.from_dict(cfg.to_dict()), o), s)
-             for name, o in sweep for s in range(args.sweep_seeds)]
-    results: dict[str, list[dict]] = {}
-    params: dict[str, int] = {}
+    sweep = [(f"δ={x}, λ={lam}", [f"lsrm.delta={x}"]) for x in sorted({*args.deltas, d})] + \
+            [(f"δ={d}, λ={x}", [f"lsrm.lam={x}"]) for x in sorted({*args.lams} - {lam})]
+    plan = [("ladder", name, c, s) for name, c in C.ladder(cfg) for s in range(args.seeds)]
+    plan += [("sweep", name, C.apply_overrides(cfg, o), s) for name, o in sweep for s in range(args.sweep_seeds)]
+    plan = [(part, name, C.apply_overrides(c, [f"train.seed={c.train.seed + s}"]), s) for part, name, c, s in plan]
+    key = lambda c: json.dumps({**c.to_dict(), "name": None}, sort_keys=True)
+    todo = list(dict.fromkeys(key(c) for _, _, c, _ in plan))         # distinct runs, in order
+    done: dict[str, dict] = {}
     t0, spent = time.time(), 0.0
-    for i, (name, c, seed) in enumerate(runs):
-        c = C.apply_overrides(C.Config.from_dict(c.to_dict()), [f"train.seed={c.train.seed + seed}"])
-        torch.manual_seed(c.train.seed)
-        model = make_model(c, device, log=print)          # the first one may pretrain: not counted in the ETA
-        t_run = time.time()
-        params[name] = sum(g["trainable"] for g in param_groups(model).values())
-        train(c, model, train_data[1], lambda items: collate(items, tokenizer.pad_id),
-              Path(args.out) / f"run{i}", log=lambda *a: None, device=device)
-        r = evaluate(c, model, tokenizer, c.train.eval_split, device, inheritable_at(c, c.train.epochs - 1),
-                     log=None, loaded=test_data, bounds=False)
-        results.setdefault(name, []).append(r["metrics"])
-        spent += time.time() - t_run
-        print(f"ablate {i + 1}/{len(runs)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
-              f"ETA {fmt_time(spent / (i + 1) * (len(runs) - i - 1))}", flush=True)
-    cols = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
-    lines = ["| row | #trainable | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, ms in results.items():
-        cells = []
-        for col in cols:
-            vals = [m[col] for m in ms if m[col] is not None]
-            if len(vals) > 1:
-                cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}")
-            else:                                         # one seed: no spread to show
-                cells.append(f"{vals[0]:.2f}" if vals else "-")
-        lines.append(f"| {name} | {params[name]:,} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    note = (f"\n\n{args.seeds} seed(s) per ladder row, {args.sweep_seeds} per sweep point; "
-            f"mean ± std of test accuracy (%); config {cfg.name}; {fmt_time(time.time() - t0)} in all.\n")
+    for part, name, c, seed in plan:
+        k = key(c)
+        if k not in done:
+            torch.manual_seed(c.train.seed)
+            model = make_model(c, device, log=print)      # the first one may pretrain: not counted in the ETA
+            t_run = time.time()
+            trainable = sum(g["trainable"] for g in param_groups(model).values())
+            train(c, model, train_data[1], lambda items: collate(items, tokenizer.pad_id),
+                  Path(args.out) / f"run{len(done)}", log=lambda *a: None, device=device)
+            r = evaluate(c, model, tokenizer, c.train.eval_split, device, inheritable_at(c, c.train.epochs - 1),
+                         log=None, loaded=test_data, bounds=False)
+            done[k] = {"metrics": r["metrics"], "by_type": r["by_type"], "trainable": trainable}
+            spent += time.time() - t_run
+            print(f"ablate {len(done)}/{len(todo)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
+                  f"ETA {fmt_time(spent / len(done) * (len(todo) - len(done)))}", flush=True)
+    rows = {part: {} for part in ("ladder", "sweep")}
+    for part, name, c, _ in plan:
+        rows[part].setdefault(name, []).append(done[key(c)])
+    text = ""
+    if rows["ladder"]:
+        text += f"## Table 5: the ladder, {args.seeds} seed(s) per row\n\n" + \
+            seeds_tables(rows["ladder"], {n: runs[0]["trainable"] for n, runs in rows["ladder"].items()}) + "\n\n"
+    if rows["sweep"]:
+        text += f"## Figure 4: δ and λ around δ={d}, λ={lam}, {args.sweep_seeds} seed(s) per point\n\n" + \
+            seeds_tables(rows["sweep"]) + "\n\n"
+    text += (f"Test accuracy (%), mean ± std over seeds 0.. added to train.seed; config {cfg.name}; "
+             f"{len(done)} runs, {fmt_time(time.time() - t0)} in all.\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "ablation.md").write_text(table + note)
-    (Path(args.out) / "ablation.json").write_text(json.dumps({"params": params, "results": results}, indent=1))
-    print(table + note + f"wrote {Path(args.out) / 'ablation.md'}")
+    (Path(args.out) / "ablation.md").write_text(text)
+    (Path(args.out) / "ablation.json").write_text(json.dumps(rows, indent=1))
+    print(text + f"wrote {Path(args.out) / 'ablation.md'}")
 
 
 def cmd_visualize(args) -> None:

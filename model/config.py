@@ -6,6 +6,7 @@ the meta device (`model.vlm.build(cfg, device="meta")`) to count parameters with
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -261,11 +262,20 @@ def get_config(name: str) -> Config:
 
 
 def memvp(cfg: Config) -> Config:
-    """The MemVP baseline of the same backbones: penultimate ViT block only, one 128-wide projector."""
-    d = cfg.to_dict()
-    d["lsrm"].update(taps=[cfg.vit.layers - 2], proj_hidden=2 * cfg.lsrm.proj_hidden, srproj=False,
-                     inheritable=False)
-    return Config.from_dict(d)
+    """The MemVP baseline of the same backbones: penultimate ViT block only, one projector twice as wide."""
+    return dataclasses.replace(cfg, lsrm=dataclasses.replace(
+        cfg.lsrm, taps=[cfg.vit.layers - 2], proj_hidden=2 * cfg.lsrm.proj_hidden, srproj=False, inheritable=False))
+
+
+def ladder(cfg: Config) -> list[tuple[str, Config]]:
+    """The paper's Table 5: MemVP, then each LSRM component of `cfg` added in turn."""
+    base = memvp(cfg)
+    fused = dataclasses.replace(base, lsrm=dataclasses.replace(base.lsrm, taps=list(cfg.lsrm.taps),
+                                                                proj_hidden=cfg.lsrm.proj_hidden))
+    sr = dataclasses.replace(fused, lsrm=dataclasses.replace(fused.lsrm, srproj=True))
+    full = dataclasses.replace(sr, lsrm=dataclasses.replace(sr.lsrm, inheritable=True))
+    return [("MemVP (baseline)", base), ("+ multilevel fusion", fused), ("+ SRProj", sr),
+            ("+ inheritable CA (LSRM)", full)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +314,8 @@ def field_types(obj) -> dict[str, typing.Any]:
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Apply `key=value` strings to a (nested) config dataclass, validating keys and types."""
+    """A copy of a (nested) config dataclass with `key=value` strings applied, keys and types validated."""
+    cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")

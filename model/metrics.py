@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections import Counter
 from collections.abc import Mapping
 
@@ -109,6 +110,33 @@ def type_metrics(records) -> dict[str, dict]:
         t["image"] |= bool(_field(r, "has_image"))
     return {k: {"acc": 100.0 * t["right"] / t["n"], "n": t["n"], "chance": 100.0 * t["chance"] / t["n"],
                 "image": t["image"]} for k, t in out.items()}
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """"mean ± sample std" of several seeds' numbers; one number alone; "-" for none."""
+    if len(values) > 1:
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{values[0]:.{digits}f}" if values else "-"
+
+
+def seeds_tables(rows: dict[str, list[dict]], params: dict[str, int] | None = None) -> str:
+    """Markdown tables of several runs per row, each cell mean ± std over the row's runs: the Table-1 columns
+    (with the trainable parameter count when given), then IMG and each picture type with a chance row.
+    rows[name] is a list of evaluation results, each with "metrics" (scienceqa_metrics) and "by_type"."""
+    p = "#trainable | " if params else ""
+    lines = [f"| row | {p}" + " | ".join(COLUMNS) + " |", "|---|" + "---|" * (len(COLUMNS) + bool(params))]
+    for name, runs in rows.items():
+        cells = [mean_std([r["metrics"][c] for r in runs if r["metrics"][c] is not None]) for c in COLUMNS]
+        lines.append(f"| {name} | " + (f"{params[name]:,} | " if params else "") + " | ".join(cells) + " |")
+    chance = {k: t["chance"] for runs in rows.values() for r in runs for k, t in r["by_type"].items() if t["image"]}
+    types = sorted(chance)
+    lines += ["", "| row | IMG | " + " | ".join(types) + " |", "|---|" + "---|" * (len(types) + 1)]
+    for name, runs in rows.items():
+        cells = [mean_std([r["metrics"]["IMG"] for r in runs if r["metrics"]["IMG"] is not None], 1)]
+        cells += [mean_std([r["by_type"][k]["acc"] for r in runs if k in r["by_type"]], 1) for k in types]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| chance | | " + " | ".join(f"{chance[k]:.0f}" for k in types) + " |")
+    return "\n".join(lines)
 
 
 MIN_GAP = 10.0      # points: a share of a smaller gap is mostly noise (one item of 50 is 2 points)

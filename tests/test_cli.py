@@ -210,10 +210,14 @@ def test_ablate_runs_the_ladder_and_writes_a_table(tmp_path):
             "--set", "train.limit=16")
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "ablation.md").read_text()
-    for row in ("MemVP (baseline)", "+ multilevel fusion", "+ SRProj", "+ inheritable CA (LSRM)", "δ=0.1, λ=0.85"):
+    for row in ("MemVP (baseline)", "+ multilevel fusion", "+ SRProj", "+ inheritable CA (LSRM)",
+                "δ=0.1, λ=0.85", "δ=0.3, λ=0.85", "chance"):
         assert f"| {row} |" in table
+    assert "| row | IMG | " in table                               # the per-picture-type tables
     data = json.loads((tmp_path / "ablation.json").read_text())
-    assert len(data["results"]["+ SRProj"]) == 2 and data["params"]["MemVP (baseline)"] < data["params"]["+ SRProj"]
+    ladder, sweep = data["ladder"], data["sweep"]
+    assert len(ladder["+ SRProj"]) == 2 and ladder["MemVP (baseline)"][0]["trainable"] < ladder["+ SRProj"][0]["trainable"]
+    assert sweep["δ=0.3, λ=0.85"][0] == ladder["+ inheritable CA (LSRM)"][0]     # the sweep's centre: not re-run
     assert "ablate 9/9" in r.stdout and "ETA" in r.stdout
 
 

@@ -1,12 +1,11 @@
 """Invariants of the whole model at tiny size: what must hold for LSRM to be the method it claims."""
-import copy
 import dataclasses
 
 import pytest
 import torch
 
-from model import get_config, memvp
-from model.config import apply_overrides
+from model import get_config
+from model.config import apply_overrides, ladder
 from model.memory import VisualMemoryRead
 from model.vit import VisionTransformer
 from model.vlm import adapter_state_dict, build, is_adapter
@@ -145,14 +144,14 @@ def test_multilevel_fusion_is_the_mean_of_the_projectors():
 
 
 def test_ablation_ladder_configs_build_and_differ():
-    base = memvp(get_config("tiny"))
+    tiny_cfg = get_config("tiny")
+    names, steps = zip(*ladder(tiny_cfg))
+    base = steps[0]
     assert base.lsrm.taps == [4] and base.lsrm.proj_hidden == 64
     assert not base.lsrm.srproj and not base.lsrm.inheritable
-    steps = [base,
-             apply_overrides(copy.deepcopy(base), ["lsrm.taps=3,4", "lsrm.proj_hidden=32"]),
-             apply_overrides(copy.deepcopy(base), ["lsrm.taps=3,4", "lsrm.proj_hidden=32", "lsrm.srproj=true"]),
-             get_config("tiny")]
-    assert steps[-1].lsrm.inheritable and steps[-1].lsrm.srproj and steps[-1].lsrm.taps == [3, 4]
+    assert steps[1] == apply_overrides(base, ["lsrm.taps=3,4", "lsrm.proj_hidden=32"])
+    assert steps[2] == apply_overrides(base, ["lsrm.taps=3,4", "lsrm.proj_hidden=32", "lsrm.srproj=true"])
+    assert steps[-1] == tiny_cfg and base.lsrm.taps == [4]        # the top row is the config itself, unchanged
     tokens, images = batch(base)
     for cfg in steps:
         model = build(cfg)
