@@ -1,14 +1,14 @@
 """The visual memory (MemVP) and LSRM's three components (paper §3, method.md §4-§5).
 
-    feats_l (B, P, Dv) for each tapped ViT layer l
-      -> SRProj_l                      one projector per layer            eq. 3.2.2
+    feats_l (B, P, Dv) for each tapped ViT layer l                     VisualMemory.encode
+      -> SRProj_l                      one projector per layer            eq. 3.2.2   Projector
       -> mean over l                   multilevel information fusion      eq. 3.2.3 / 3.2.4
       -> Z = 0.01 * ..., padded to N   the visual memory                  (B, N, D)
-    in every decoder block, with u = ffn_norm(h) (B, T, D):
-      K = Z + P1, V = Z + P2                                             eq. 3.3.2
-      A = SiLU(u K^T)                                                    eq. 3.3.1   (B, T, N)
-      M <- λ M on the lowest δ·N entries of each row of A                 eq. 3.3.3   (inherited)
-      out = h + FFN(u) + s * dropout(M ⊙ A) V                            eq. 3.3.4
+    in every decoder block, with u = ffn_norm(h) (B, T, D):               InheritableCrossAttention
+      K = Z + P1, V = Z + P2                                             eq. 3.3.2   (Algorithm 1, l. 11)
+      A = SiLU(u K^T)                                                    eq. 3.3.1   (l. 13)
+      M <- λ M on the lowest δ·N entries of each row of A                 eq. 3.3.3   (l. 14; inherited)
+      out = h + FFN(u) + s * dropout(M ⊙ A) V                            eq. 3.3.4   (l. 15-17)
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def lowest_indices(a: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def lowest_mask(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (..., N) of the k smallest entries in each row: `lowest_indices` as a mask."""
+    """Boolean mask (..., N) of the k smallest entries in each row: "α_ij ∈ lowest δ% of α_i"."""
     mask = torch.zeros_like(a, dtype=torch.bool)
     if k <= 0:
         return mask
@@ -73,22 +73,30 @@ def lowest_mask(a: torch.Tensor, k: int) -> torch.Tensor:
 
 def decay(M: torch.Tensor, a: torch.Tensor, delta: float, lam: float) -> torch.Tensor:
     """Eq. 3.3.3: M_ij <- λ M_ij where a_ij is among the lowest δ% of row a_i, else M_ij. No gradient: only
-    the indices of a are used, and M (all ones to begin with) never requires one.
-
-    Written as one scatter-multiply at the selected indices, the same as where(lowest_mask, λM, M) with no
-    mask built (3x faster at decoding sizes). Out of place: the previous block keeps its M for backward."""
-    k = n_lowest(delta, a.shape[-1])
-    if k == 0 or lam == 1.0:
-        return M
-    return M.scatter(-1, lowest_indices(a, k), lam, reduce="multiply")
+    the indices of a are used, and M (all ones to begin with) never requires one. Out of place: the
+    previous block keeps its M for backward."""
+    lowest = lowest_mask(a, n_lowest(delta, a.shape[-1]))     # (B, T, N) bool
+    return torch.where(lowest, lam * M, M)
 
 
-class VisualMemoryRead:
-    """The memory branch of ONE forward pass, called by each decoder block in turn.
+class InheritableCrossAttention:
+    """The paper's inheritable cross-attention (§3.3) for ONE forward pass: Algorithm 1, lines 8-17.
 
-    It holds K, V (shared by all blocks) and the inheritable matrix M, created fresh (all ones) for
-    every forward pass and carried from block to block. Every row (text token) is independent, so
-    incremental decoding with a KV cache reproduces the full pass's M without caching it.
+         8: Initialize: M = 1 (T x N)                   here (B, T, N) fp32, made at the first block
+         9: for Layer in LLM do                         each decoder block calls this object once, in order
+        10:   X_t <- Layer.Attn(X_t)                    in the block (model/llama.py)
+        11:   Q <- X_t, K <- X_v + P1, V <- X_v + P2    Q = u = ffn_norm(h); K, V made once by VisualMemory.read
+        13:   α <- SiLU(Q K^T)
+        14:   M_ij <- λ M_ij if α_ij is among the lowest δ% of α_i, else M_ij
+        15:   α' <- α ⊙ M
+        16:   X_fuse <- α' V
+        17:   X_t <- X_fuse + Layer.FFN(X_t)            in the block: out = h + FFN(u) + X_fuse
+        18: end for
+
+    Lines 3-7 (the ViT's two layers, SRProj, their mean) are LSRM.encode_images and VisualMemory.encode.
+    As MemVP, α' is dropped out in training and X_fuse scaled by s = fusion_scale (neither is in the paper).
+    Without `inheritable` (MemVP, or before shift_epoch) lines 8, 14 and 15 are skipped. Every row (text
+    token) is independent, so incremental decoding with a KV cache reproduces the full pass's M uncached.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, cfg: LSRMConfig, inheritable: bool, training: bool):
@@ -99,16 +107,16 @@ class VisualMemoryRead:
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:  # u (B, T, D) -> (B, T, D)
         k, v = self.k.to(u.dtype), self.v.to(u.dtype)
-        a = F.silu(u @ k.transpose(1, 2))                 # α = SiLU(Q K^T), no 1/sqrt(d), no softmax  (B, T, N)
+        a = F.silu(u @ k.transpose(1, 2))                 # 13: α = SiLU(Q K^T), no 1/sqrt(d), no softmax  (B, T, N)
         if self.inheritable:
-            if self.M is None:
+            if self.M is None:                            # 8: M = 1
                 self.M = torch.ones(a.shape, dtype=torch.float32, device=a.device)
-            self.M = decay(self.M, a, self.cfg.delta, self.cfg.lam)
-            a = a * self.M.to(a.dtype)                    # α' = M ⊙ α   (eq. 3.3.4)
+            self.M = decay(self.M, a, self.cfg.delta, self.cfg.lam)      # 14: λM on the lowest δ% of each row
+            a = a * self.M.to(a.dtype)                    # 15: α' = α ⊙ M   (eq. 3.3.4)
             if self.history is not None:
                 self.history.append(self.M)
         a = F.dropout(a, self.cfg.dropout, self.training)
-        return self.cfg.fusion_scale * (a @ v)            # s · α' V   (B, T, D)
+        return self.cfg.fusion_scale * (a @ v)            # 16: X_fuse = s · α' V   (B, T, D)
 
 
 class VisualMemory(nn.Module):
@@ -140,5 +148,5 @@ class VisualMemory(nn.Module):
         """Z for items with no image: only P1/P2 remain in the memory."""
         return self.p1.new_zeros(batch, self.cfg.n_slots, self.p1.shape[-1])
 
-    def read(self, z: torch.Tensor, inheritable: bool, training: bool) -> VisualMemoryRead:
-        return VisualMemoryRead(z + self.p1, z + self.p2, self.cfg, inheritable, training)   # eq. 3.3.2
+    def read(self, z: torch.Tensor, inheritable: bool, training: bool) -> InheritableCrossAttention:
+        return InheritableCrossAttention(z + self.p1, z + self.p2, self.cfg, inheritable, training)   # eq. 3.3.2

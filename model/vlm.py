@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import Config
 from .llama import Transformer
-from .memory import VisualMemory, VisualMemoryRead
+from .memory import VisualMemory, InheritableCrossAttention
 from .vit import VisionTransformer
 
 
@@ -43,7 +43,7 @@ class LSRM(nn.Module):
             z = z.index_put((keep.nonzero()[:, 0],), self.encode_images(images[keep], has_image[keep]).to(z.dtype))
         return z
 
-    def memory_read(self, z: torch.Tensor, inheritable: Optional[bool] = None) -> VisualMemoryRead:
+    def memory_read(self, z: torch.Tensor, inheritable: Optional[bool] = None) -> InheritableCrossAttention:
         on = self.cfg.lsrm.inheritable if inheritable is None else inheritable
         return self.memory.read(z, inheritable=on, training=self.training)
 

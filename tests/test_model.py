@@ -6,7 +6,7 @@ import torch
 
 from model import get_config
 from model.config import apply_overrides, ladder
-from model.memory import VisualMemoryRead
+from model.memory import InheritableCrossAttention
 from model.vit import VisionTransformer
 from model.vlm import adapter_state_dict, build, is_adapter
 
@@ -129,7 +129,7 @@ def test_memory_read_shapes():
     assert z.shape == (2, cfg.lsrm.n_slots, cfg.llama.dim)
     assert torch.equal(z[:, cfg.vit.n_patches:], torch.zeros_like(z[:, cfg.vit.n_patches:]))  # padding slots
     read = model.memory_read(z)
-    assert isinstance(read, VisualMemoryRead)
+    assert isinstance(read, InheritableCrossAttention)
     assert read(torch.randn(2, 5, cfg.llama.dim)).shape == (2, 5, cfg.llama.dim)
 
 
