@@ -26,7 +26,7 @@ from model.evaluate import evaluate_coco, evaluate_scienceqa, generate, scienceq
 from model.metrics import MIN_GAP, bounds_table, format_table, gap_closed, seeds_tables, type_metrics
 from model.tokenizer import ByteTokenizer
 from model.train import (CheckpointError, backbone_fingerprint, default_device, distributed, fmt_time,
-                         inheritable_at, load_adapters, load_checkpoint, train)
+                         load_adapters, load_checkpoint, train)
 from model.vlm import LSRM, build, cast_frozen, is_adapter, param_groups
 
 ROOT = Path(__file__).resolve().parent
@@ -164,13 +164,13 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
     return examples, dataset
 
 
-def evaluate(cfg, model, tokenizer, split, device, inheritable, data=None, log=print, loaded=None,
+def evaluate(cfg, model, tokenizer, split, device, data=None, log=print, loaded=None,
              bounds: bool = True) -> dict:
     """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type") and, with `bounds`,
     the frozen decoder alone without the picture ("blind") and with it in words ("oracle")."""
     examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data, log=log)
     fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
-    metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, inheritable, log=log)
+    metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, log=log)
     result = {"split": split, "n": len(examples), "metrics": metrics, "records": records}
     if cfg.train.task != "scienceqa":
         return result
@@ -240,8 +240,7 @@ def cmd_train(args) -> None:
         return
     if rank != 0 or args.no_eval:
         return
-    on = inheritable_at(cfg, cfg.train.epochs - 1)
-    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, on, log=log, loaded=evaluation,
+    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
                       bounds=not args.no_bounds)
     result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
@@ -259,6 +258,7 @@ def model_from_checkpoint(path: str, device, overrides=None, log=print):
     tokenizer = make_tokenizer(cfg)
     model = make_model(cfg, device, log)
     load_adapters(model, ckpt, Path(path))
+    model.inherit(ckpt["inheritable_used"])          # M applied as it was at the end of training
     fp = backbone_fingerprint(model)
     if any(abs(a - b) > 1e-4 * max(1.0, abs(b)) for a, b in zip(fp, ckpt.get("backbone", fp))):
         log(f"warning: {path} was trained on different frozen backbones than the ones loaded now")
@@ -270,7 +270,7 @@ def cmd_eval(args) -> None:
         check_out_file(Path(args.out))
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set)
-    result = evaluate(cfg, model, tokenizer, args.split, device, ckpt["inheritable_used"], data=args.data,
+    result = evaluate(cfg, model, tokenizer, args.split, device, data=args.data,
                       bounds=not args.no_bounds)
     print(report(cfg, result))
     if args.out:
@@ -284,11 +284,8 @@ def cmd_generate(args) -> None:
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
     prompt = args.prompt.replace("\\n", "\n")
     tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=device)
-    if args.image:
-        image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
-        z = model.encode_images(image, torch.ones(1, device=device))
-    else:
-        z = model.memory.empty(1)
+    image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
+    z = model.visual_memory(1, image)
     pending: list[int] = []
 
     def stream(tok: torch.Tensor):               # print as soon as the bytes form whole characters
@@ -298,7 +295,7 @@ def cmd_generate(args) -> None:
             print(text, end="", flush=True)
             pending.clear()
 
-    generate(model, tokens, z, args.max_new_tokens, tokenizer.eos_id, ckpt["inheritable_used"], on_token=stream)
+    generate(model, tokens, z, args.max_new_tokens, tokenizer.eos_id, on_token=stream)
     print(tokenizer.decode(pending))             # whatever is left (an incomplete character shows as �)
 
 
@@ -354,9 +351,9 @@ def cmd_ablate(args) -> None:
     tokenizer = make_tokenizer(cfg)
     train_data = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
     test_data = make_dataset(cfg, cfg.train.eval_split, tokenizer)
-    d, lam = cfg.lsrm.delta, cfg.lsrm.lam
+    d, lam = cfg.lsrm.delta, cfg.lsrm.decay
     sweep = [(f"δ={x}, λ={lam}", [f"lsrm.delta={x}"]) for x in sorted({*args.deltas, d})] + \
-            [(f"δ={d}, λ={x}", [f"lsrm.lam={x}"]) for x in sorted({*args.lams} - {lam})]
+            [(f"δ={d}, λ={x}", [f"lsrm.decay={x}"]) for x in sorted({*args.lams} - {lam})]
     plan = [("ladder", name, c, s) for name, c in C.ladder(cfg) for s in range(args.seeds)]
     plan += [("sweep", name, C.apply_overrides(cfg, o), s) for name, o in sweep for s in range(args.sweep_seeds)]
     plan = [(part, name, C.apply_overrides(c, [f"train.seed={c.train.seed + s}"]), s) for part, name, c, s in plan]
@@ -373,8 +370,7 @@ def cmd_ablate(args) -> None:
             trainable = sum(g["trainable"] for g in param_groups(model).values())
             train(c, model, train_data[1], lambda items: collate(items, tokenizer.pad_id),
                   Path(args.out) / f"run{len(done)}", log=lambda *a: None, device=device)
-            r = evaluate(c, model, tokenizer, c.train.eval_split, device, inheritable_at(c, c.train.epochs - 1),
-                         log=None, loaded=test_data, bounds=False)
+            r = evaluate(c, model, tokenizer, c.train.eval_split, device, log=None, loaded=test_data, bounds=False)
             done[k] = {"metrics": r["metrics"], "by_type": r["by_type"], "trainable": trainable}
             spent += time.time() - t_run
             print(f"ablate {len(done)}/{len(todo)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "

@@ -105,7 +105,7 @@ class LSRMConfig:
     srproj: bool = True              # learnable Λ after the activation (eq. 3.2.2)
     inheritable: bool = True         # inheritable cross-attention (eq. 3.3.3/3.3.4)
     delta: float = 0.3               # δ: fraction of each row decayed per block
-    lam: float = 0.85                # λ: decay factor
+    decay: float = 0.85              # λ of eq. 3.3.3, the factor M decays by (not SRProj's Λ)
     fusion_scale: float = 0.1        # s: weight of the memory branch in the FFN
     feature_scale: float = 0.01      # fixed scale on projected features (released code)
     dropout: float = 0.1             # dropout on the memory attention scores
@@ -119,8 +119,8 @@ class LSRMConfig:
             raise ValueError("lsrm.taps must list at least one ViT block")
         if not 0.0 <= self.delta <= 1.0:
             raise ValueError(f"lsrm.delta must be in [0, 1], got {self.delta}")
-        if not 0.0 < self.lam <= 1.0:
-            raise ValueError(f"lsrm.lam must be in (0, 1], got {self.lam}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"lsrm.decay must be in (0, 1], got {self.decay}")
 
 
 @dataclass
@@ -191,8 +191,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        lsrm = {("decay" if k == "lam" else k): v for k, v in d["lsrm"].items()}    # lsrm.lam: older checkpoints
         return cls(name=d["name"], vit=ViTConfig(**d["vit"]), llama=LlamaConfig(**d["llama"]),
-                   lsrm=LSRMConfig(**d["lsrm"]), train=TrainConfig(**d.get("train", {})))
+                   lsrm=LSRMConfig(**lsrm), train=TrainConfig(**d.get("train", {})))
 
 
 # ---------------------------------------------------------------------------------------------

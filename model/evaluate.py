@@ -25,7 +25,6 @@ ANSWER_PREFIX = " The answer is"
 
 @torch.no_grad()
 def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens: int, eos_id: int,
-             inheritable: Optional[bool] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None) -> list[list[int]]:
     """Greedy decoding. tokens (B, T): prompts of equal length; z (B, N, D) their visual memory, or None for
     the frozen decoder alone (no memory branch)."""
@@ -34,7 +33,7 @@ def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens:
     def step(toks: torch.Tensor, pos: int) -> torch.Tensor:
         if z is None:
             return model.llama(toks, start_pos=pos, use_cache=True, last_only=True)
-        return model(toks, z=z, inheritable=inheritable, start_pos=pos, use_cache=True, last_only=True)
+        return model(toks, z=z, start_pos=pos, use_cache=True, last_only=True)
 
     logits = step(tokens, 0)                                             # prefill (B, 1, V)
     out = torch.empty(B, 0, dtype=torch.long, device=tokens.device)
@@ -64,8 +63,8 @@ def _by_length(prompts: list[list[int]], batch: int):
 
 @torch.no_grad()
 def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens: int, batch: int,
-                   device: torch.device, inheritable: Optional[bool] = None,
-                   log: Optional[Callable[[str], None]] = None, decoder_only: bool = False) -> list[str]:
+                   device: torch.device, log: Optional[Callable[[str], None]] = None,
+                   decoder_only: bool = False) -> list[str]:
     """Greedy continuations of every item's prompt (+ prefix), in dataset order (decoder_only: the frozen
     decoder alone, no visual memory)."""
     model.eval()
@@ -77,14 +76,9 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
     for idx in _by_length(prompts, batch):
         tokens = torch.tensor([prompts[i] for i in idx], device=device)
         has_image = torch.tensor([items[i]["has_image"] for i in idx], device=device, dtype=torch.float32)
-        if decoder_only:
-            z = None
-        elif has_image.any():
-            images = torch.stack([items[i]["image"] for i in idx]).to(device)
-            z = model.encode_images(images, has_image)
-        else:
-            z = model.memory.empty(len(idx))
-        for i, ids in zip(idx, generate(model, tokens, z, max_new_tokens, tokenizer.eos_id, inheritable)):
+        images = torch.stack([items[i]["image"] for i in idx]).to(device) if has_image.any() else None
+        z = None if decoder_only else model.visual_memory(len(idx), images, has_image)
+        for i, ids in zip(idx, generate(model, tokens, z, max_new_tokens, tokenizer.eos_id)):
             outputs[i] = tokenizer.decode(ids)
         done += len(idx)
         if log is not None and (done == len(items) or time.time() - last_log > 5):
@@ -93,11 +87,9 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
     return outputs
 
 
-def evaluate_scienceqa(model, dataset, examples, tokenizer, device, batch: int = 64,
-                       inheritable: Optional[bool] = None, log=None,
+def evaluate_scienceqa(model, dataset, examples, tokenizer, device, batch: int = 64, log=None,
                        decoder_only: bool = False) -> tuple[dict, list[dict]]:
-    outputs = run_generation(model, dataset, tokenizer, ANSWER_PREFIX, 4, batch, device, inheritable, log,
-                             decoder_only)
+    outputs = run_generation(model, dataset, tokenizer, ANSWER_PREFIX, 4, batch, device, log, decoder_only)
     records = []
     for ex, text in zip(examples, outputs):
         pred = parse_answer(text, len(ex.info["choices"]))
@@ -131,9 +123,9 @@ def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[lis
     return {"blind": blind, "oracle": oracle, "why_no_oracle": None}
 
 
-def evaluate_coco(model, dataset, examples, tokenizer, device, batch: int = 64,
-                  inheritable: Optional[bool] = None, max_new_tokens: int = 64, log=None) -> tuple[dict, list[dict]]:
-    outputs = run_generation(model, dataset, tokenizer, "", max_new_tokens, batch, device, inheritable, log)
+def evaluate_coco(model, dataset, examples, tokenizer, device, batch: int = 64, log=None,
+                  max_new_tokens: int = 64) -> tuple[dict, list[dict]]:
+    outputs = run_generation(model, dataset, tokenizer, "", max_new_tokens, batch, device, log)
     refs = {ex.id: ex.info["references"] for ex in examples}
     hyps = {ex.id: text.strip() for ex, text in zip(examples, outputs)}
     records = [{"id": ex.id, "output": hyps[ex.id], "references": refs[ex.id]} for ex in examples]

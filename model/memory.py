@@ -111,7 +111,7 @@ class InheritableCrossAttention:
         if self.inheritable:
             if self.M is None:                            # 8: M = 1
                 self.M = torch.ones(a.shape, dtype=torch.float32, device=a.device)
-            self.M = decay(self.M, a, self.cfg.delta, self.cfg.lam)      # 14: λM on the lowest δ% of each row
+            self.M = decay(self.M, a, self.cfg.delta, self.cfg.decay)      # 14: λM on the lowest δ% of each row
             a = a * self.M.to(a.dtype)                    # 15: α' = α ⊙ M   (eq. 3.3.4)
             if self.history is not None:
                 self.history.append(self.M)

@@ -252,10 +252,11 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
             atomic_save({"format": CKPT_FORMAT, "config": cfg.to_dict(), "step": step,
                          "epoch": step / steps_per_epoch, "adapters": adapter_state_dict(model),
                          "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                         "inheritable_used": inheritable_at(cfg, (step - 1) // steps_per_epoch) if step else False,
+                         "inheritable_used": model.inheriting,
                          "backbone": backbone_fingerprint(model)}, ckpt_path)
 
     model.train()
+    model.inherit(inheritable_at(cfg, (step - 1) // steps_per_epoch) if step else False)   # as after `step` steps
     history_file = out_dir / "log.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +274,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
             lr = get_lr(step / steps_per_epoch, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            on = inheritable_at(cfg, epoch)
+            model.inherit(inheritable_at(cfg, epoch))          # M applied from lsrm.shift_epoch on
             batches = [collate([dataset[j] for j in chunk]) for chunk in batch_indices(len(dataset), cfg, epoch, i, rank, world)]
             n_tok = all_sum(sum((b["targets"] != -100).sum() for b in batches).to(device).float())
             loss_sum = torch.zeros((), device=device)
@@ -281,7 +282,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
                 sync = k == len(batches) - 1 or world == 1
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(device, frozen):
                     images = b["images"].to(device) if b["has_image"].any() else None    # text-only: skip the ViT
-                    logits = ddp(b["tokens"].to(device), images, b["has_image"].to(device), inheritable=on)
+                    logits = ddp(b["tokens"].to(device), images, b["has_image"].to(device))
                     loss = answer_loss_sum(logits, b["targets"].to(device))
                     (loss * world / n_tok).backward()          # DDP averages over processes: undo that
                 loss_sum += loss.detach()
@@ -298,7 +299,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
                 if step % t.log_every == 0 or step == total or step == first + 1:
                     dt = (time.time() - t0) / (step - first)
                     log(f"step {step:5d}/{total} | epoch {epoch + 1}/{t.epochs} | loss {last_loss:.4f} | lr {lr:.2e} "
-                        f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if on else ""))
+                        f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if model.inheriting else ""))
             if step % steps_per_epoch == 0 or (t.ckpt_every and step % t.ckpt_every == 0) or step == stop_after:
                 save(step)
                 saved = step

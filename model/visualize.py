@@ -58,9 +58,11 @@ def labelled(tiles: list[tuple[str, Image.Image]], title: str) -> Image.Image:
 @torch.no_grad()
 def inheritable_maps(model: LSRM, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """M after the last block for every position of `tokens` (1, T) with `image` (1, 3, H, W): (T, P)."""
+    if not model.inheriting:
+        raise ValueError("Figure 3 draws M, and this model does not apply it (MemVP, lsrm.inheritable=false, "
+                         "or a run stopped before lsrm.shift_epoch)")
     model.eval()
-    z = model.encode_images(image, torch.ones(1, device=image.device))
-    read = model.memory_read(z, inheritable=True)
+    read = model.memory_read(model.visual_memory(1, image))
     model.llama(tokens, memory=read)
     return read.M[0, :, : model.cfg.vit.n_patches].float().cpu()                      # (T, P)
 
@@ -103,7 +105,7 @@ def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor,
     ids = [tokenizer.bos_id] + tokenizer.encode(text)
     M = inheritable_maps(model, torch.tensor([ids], device=image.device), image)
     g = model.cfg.vit.grid
-    lam, layers = model.cfg.lsrm.lam, model.cfg.llama.n_layers
+    lam, layers = model.cfg.lsrm.decay, model.cfg.llama.n_layers
     tiles = []
     for pos in positions:
         tok = tokenizer.decode([ids[pos]]).replace("\n", "\\n") or f"#{ids[pos]}"

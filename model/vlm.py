@@ -29,6 +29,13 @@ class LSRM(nn.Module):
         self.visual = VisionTransformer(cfg.vit)
         self.llama = Transformer(cfg.llama)
         self.memory = VisualMemory(cfg)
+        self.inheriting = cfg.lsrm.inheritable    # M applied (Algorithm 1, l. 8, 14, 15): see inherit()
+
+    def inherit(self, on: bool = True) -> "LSRM":
+        """Apply M from now on, or not: model state, set like train()/eval(). The trainer turns it on from
+        lsrm.shift_epoch; a checkpoint records it ("inheritable_used") and loading restores it."""
+        self.inheriting = bool(on)
+        return self
 
     def encode_images(self, images: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D).
@@ -43,24 +50,27 @@ class LSRM(nn.Module):
             z = z.index_put((keep.nonzero()[:, 0],), self.encode_images(images[keep], has_image[keep]).to(z.dtype))
         return z
 
-    def memory_read(self, z: torch.Tensor, inheritable: Optional[bool] = None) -> InheritableCrossAttention:
-        on = self.cfg.lsrm.inheritable if inheritable is None else inheritable
-        return self.memory.read(z, inheritable=on, training=self.training)
+    def visual_memory(self, batch: int, images: Optional[torch.Tensor] = None,
+                      has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Z (B, N, D) for a batch of `batch` items: from the images where has_image (default: every item),
+        empty (P1/P2 only) elsewhere, or for every item when there are no images."""
+        if images is None:
+            return self.memory.empty(batch)
+        if has_image is None:
+            has_image = torch.ones(batch, device=images.device)
+        return self.encode_images(images, has_image)
+
+    def memory_read(self, z: torch.Tensor) -> InheritableCrossAttention:
+        return self.memory.read(z, inheritable=self.inheriting, training=self.training)
 
     def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None,
                 has_image: Optional[torch.Tensor] = None, *, z: Optional[torch.Tensor] = None,
-                inheritable: Optional[bool] = None, start_pos: int = 0, use_cache: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+                start_pos: int = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V). Give images (+ has_image), or a precomputed z, or neither
-        (a text-only batch). `inheritable` overrides the config switch (training before shift_epoch)."""
+        (a text-only batch)."""
         if z is None:
-            if images is None:
-                z = self.memory.empty(tokens.shape[0])
-            else:
-                if has_image is None:
-                    has_image = torch.ones(images.shape[0], device=images.device)
-                z = self.encode_images(images, has_image)
-        read = self.memory_read(z, inheritable)
+            z = self.visual_memory(tokens.shape[0], images, has_image)
+        read = self.memory_read(z)
         return self.llama(tokens, start_pos=start_pos, memory=read, use_cache=use_cache, last_only=last_only)
 
 

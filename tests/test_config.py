@@ -88,8 +88,8 @@ def test_overrides_are_validated():
         apply_overrides(get_config("tiny"), ["lsrm.nope=1"])
     with pytest.raises(ValueError, match="expected float"):
         apply_overrides(get_config("tiny"), ["lsrm.delta=abc"])
-    with pytest.raises(ValueError, match="lsrm.lam"):
-        apply_overrides(get_config("tiny"), ["lsrm.lam=0"])
+    with pytest.raises(ValueError, match="lsrm.decay"):
+        apply_overrides(get_config("tiny"), ["lsrm.decay=0"])
 
 
 def run(*args):

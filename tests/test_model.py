@@ -105,7 +105,7 @@ def test_inheritable_cross_attention_acts():
         read = model.memory_read(z)
         read.history = []
         on = model.llama(tokens, memory=read)
-        off = model(tokens, z=z, inheritable=False)
+        off = model.inherit(False)(tokens, z=z)
     assert read.M is not None and (read.M < 1).any()
     assert len(read.history) == model.cfg.llama.n_layers
     k = int(0.3 * model.cfg.lsrm.n_slots)

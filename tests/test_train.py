@@ -93,6 +93,16 @@ def test_resume_continues_exactly(dataset, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_m_is_applied_from_shift_epoch_as_model_state_the_checkpoint_records(dataset, tmp_path):
+    ds, col = dataset
+    cfg = small_cfg()                                     # 2 epochs of 5 steps; M applied from epoch 1
+    model = fresh_model(cfg)
+    train(cfg, model, ds, col, tmp_path, stop_after=5, log=lambda s: None)
+    assert not model.inheriting and not load_checkpoint(tmp_path / "checkpoint.pt")["inheritable_used"]
+    train(cfg, model, ds, col, tmp_path, resume=True, stop_after=6, log=lambda s: None)
+    assert model.inheriting and load_checkpoint(tmp_path / "checkpoint.pt")["inheritable_used"]
+
+
 def test_resume_refuses_a_different_config(dataset, tmp_path):
     ds, col = dataset
     cfg = small_cfg()
