@@ -1,12 +1,16 @@
-"""lsrm: a small, exact reference implementation of LSRM (arXiv 2511.08238).
+"""lsrm: a small, exact reference implementation of LSRM (arXiv 2511.08238). The model, and only the model.
 
-config.py  presets and config dataclasses      vit.py     CLIP-shaped ViT with adapters
-llama.py   LLaMA-family decoder, KV cache      memory.py  visual memory, SRProj, fusion, inheritable CA
-vlm.py     ViT -> memory -> LLaMA, freezing   weights.py  real checkpoints (CLIP, Meta/HF LLaMA, GGUF)
-train.py   recipe, DDP, checkpoints            pretrain.py the tiny backbones
-data.py    ScienceQA / COCO readers, batching  metrics.py  ScienceQA table, BLEU-4, CIDEr-D
-evaluate.py greedy decoding, evaluation        visualize.py Figures 3 and 5
-tokenizer.py bytes, bytes + words (tiny), real tokenizers
+Read in this order: memory.py (the method: SRProj, fusion, inheritable cross-attention), then vlm.py,
+llama.py and vit.py (the model around it), then train.py (the recipe). The rest is plumbing:
+
+config.py   presets and config dataclasses      weights.py  real checkpoints (CLIP, Meta/HF LLaMA, GGUF)
+data.py     ScienceQA / COCO readers, batching  tokenizer.py bytes, bytes + words (tiny), real tokenizers
+evaluate.py greedy decoding, evaluation, bounds metrics.py  ScienceQA table, BLEU-4, CIDEr-D
+assemble.py a model from a config or a checkpoint, with its tokenizer and data
+
+Tools that use the model live beside it (tools/: benchmark, figures; tiny_data/: the toy world, the tiny
+backbones' pretraining, the ViT probe); nothing here imports them except assemble.py, which takes the tiny
+pretrained backbones from tiny_data/pretrain.py.
 """
 from .config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp, PRESETS  # noqa: F401
 from .vlm import LSRM, build  # noqa: F401

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .metrics import SUBJECTS            # the three ScienceQA subjects, and their Table-1 columns
+
 
 class DataError(ValueError):
     """A dataset file is missing or wrong. The message is one line: '<file>: <problem>'."""
@@ -49,7 +51,6 @@ def _load_json(path: Path):
 # ---------------------------------------------------------------------------------------------
 # ScienceQA (method.md §8)
 
-SUBJECTS = ("natural science", "social science", "language science")
 SCIENCEQA_FIELDS = ("question", "choices", "answer", "hint", "image", "grade", "subject", "split")
 
 

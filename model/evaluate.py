@@ -16,8 +16,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import Example, scienceqa_prompt
-from .metrics import caption_metrics, parse_answer, scienceqa_metrics
+from .assemble import make_dataset
+from .data import Example, VLDataset, scienceqa_prompt
+from .metrics import (MIN_GAP, bounds_table, caption_metrics, format_table, gap_closed, parse_answer,
+                      scienceqa_metrics, type_metrics)
 from .vlm import LSRM
 
 ANSWER_PREFIX = " The answer is"
@@ -130,3 +132,49 @@ def evaluate_coco(model, dataset, examples, tokenizer, device, batch: int = 64, 
     hyps = {ex.id: text.strip() for ex, text in zip(examples, outputs)}
     records = [{"id": ex.id, "output": hyps[ex.id], "references": refs[ex.id]} for ex in examples]
     return caption_metrics(refs, hyps), records
+
+
+# ---------------------------------------------------------------------------------------------
+# One split of a config's data, with the bounds, and its report
+
+def evaluate(cfg, model: LSRM, tokenizer, split: str, device, data: str | None = None, log=print, loaded=None,
+             bounds: bool = True) -> dict:
+    """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type") and, with `bounds`,
+    the frozen decoder alone without the picture ("blind") and with it in words ("oracle")."""
+    examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data, log=log)
+    fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
+    metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, log=log)
+    result = {"split": split, "n": len(examples), "metrics": metrics, "records": records}
+    if cfg.train.task != "scienceqa":
+        return result
+    by_type = result["by_type"] = type_metrics(records)
+    pictures = [r for r in records if r["has_image"]]
+    img = {"acc": metrics["IMG"], "n": len(pictures), "image": True,
+           "chance": 100.0 * sum(1 / r["n_choices"] for r in pictures) / len(pictures) if pictures else None}
+    result["summary"] = {"IMG": img}
+    if bounds:
+        b = scienceqa_bounds(model, examples, lambda exs: VLDataset(exs, tokenizer, cfg.vit.image_size,
+                             cfg.train.preprocess, cfg.train.max_len), tokenizer, device, cfg.train.eval_batch)
+        blind, oracle = b["blind"], b["oracle"]
+        result["bounds"] = {"blind": blind[0], "oracle": oracle[0] if oracle else None}
+        result["why_no_oracle"] = b["why_no_oracle"]
+        blind_t, oracle_t = type_metrics(blind[1]), type_metrics(oracle[1]) if oracle else {}
+        for k, t in by_type.items():                   # the oracle is about pictures: text types have none
+            t.update(blind=blind_t[k]["acc"], oracle=oracle_t[k]["acc"] if t["image"] and k in oracle_t else None)
+        img.update(blind=blind[0]["IMG"], oracle=oracle[0]["IMG"] if oracle else None)
+        result["gap_closed"] = {k: gap_closed(t["acc"], t["blind"], t["oracle"])
+                                for k, t in {**by_type, "IMG": img}.items() if t["image"]}
+    return result
+
+
+def report(cfg, result: dict) -> str:
+    if cfg.train.task != "scienceqa":
+        return "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
+    out = format_table(result["metrics"], title=f"ScienceQA-format {result['split']} ({result['n']} items)")
+    note = ("blind / oracle: the frozen decoder alone, given the prompt without the picture / with the picture "
+            f"in words; gap closed: (LSRM - blind) / (oracle - blind), where the oracle beats blind by >= {MIN_GAP:g} "
+            "points" if "bounds" in result else "")
+    out += "\n\n" + bounds_table(result["by_type"], result["summary"]) + (f"\n{note}" if note else "")
+    if result.get("why_no_oracle"):
+        out += f"\n{result['why_no_oracle']}"
+    return out

@@ -130,17 +130,26 @@ class VisualMemory(nn.Module):
             Projector(cfg.vit.width, cfg.lsrm.proj_hidden, D, cfg.lsrm.srproj) for _ in cfg.lsrm.taps)
         self.p1 = nn.Parameter(torch.empty(1, N, D))      # key positions
         self.p2 = nn.Parameter(torch.empty(1, N, D))      # value positions
-        self.reset_parameters()
+        self.reset_positions()                            # the projectors initialised themselves
 
     @torch.no_grad()
-    def reset_parameters(self):
+    def reset_positions(self):
         nn.init.normal_(self.p1, std=0.02)
         nn.init.zeros_(self.p2)                           # V = 0 for no image: starts at the frozen LLM
+
+    def reset_parameters(self):
+        self.reset_positions()
+        for proj in self.projectors:
+            proj.reset_parameters()
+
+    def project(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """SRProj_l(X_v^l) for each tapped layer l: (B, P, Dv) -> (B, P, D) each, in the projectors' fp32."""
+        return [proj(x.to(proj.fc1.weight.dtype)) for proj, x in zip(self.projectors, feats)]
 
     def encode(self, feats: list[torch.Tensor], has_image: torch.Tensor) -> torch.Tensor:
         """feats: one (B, P, Dv) per tapped layer; has_image (B,) -> Z (B, N, D)."""
         # Multilevel fusion, eq. 3.2.3: X_v = 1/L Σ_l SRProj_l(X_v^l). (The released code sums, not averages.)
-        z = torch.stack([proj(x.to(proj.fc1.weight.dtype)) for proj, x in zip(self.projectors, feats)]).mean(0)
+        z = torch.stack(self.project(feats)).mean(0)
         z = self.cfg.feature_scale * z * has_image.to(z.dtype)[:, None, None]     # (B, P, D)
         return F.pad(z, (0, 0, 0, self.cfg.n_slots - z.shape[1]))              # (B, N, D): extra slots = 0
 

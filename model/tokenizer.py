@@ -70,19 +70,20 @@ class WordTokenizer(ByteTokenizer):
 # Real tokenizers, each behind an optional package. `decode` drops special tokens; `encode` reads the
 # special tokens' text (e.g. "<|im_start|>") as those tokens, so chat templates can be written as text.
 
-def _need(module: str):
+def need(module: str, what: str = "this tokenizer"):
+    """Import an optional package, or say in one line which one to install."""
     import importlib
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"this tokenizer needs the `{module}` package: pip install {module}") from None
+        raise ImportError(f"{what} needs the `{module}` package: pip install {module.split('.')[0]}") from None
 
 
 class SentencePieceTokenizer:
     """LLaMA-1/2 and Vicuna: a SentencePiece `tokenizer.model` (BOS 1, EOS 2, no pad: pad with EOS)."""
 
     def __init__(self, path):
-        self.sp = _need("sentencepiece").SentencePieceProcessor(model_file=str(path))
+        self.sp = need("sentencepiece").SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id   # padding is never attended/scored
@@ -106,7 +107,7 @@ class TiktokenTokenizer:
 
     def __init__(self, path):
         import base64
-        tiktoken = _need("tiktoken")
+        tiktoken = need("tiktoken")
         with open(path, "rb") as f:
             ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
         self.n_base = len(ranks)
@@ -147,7 +148,7 @@ class HFTokenizer:
         """tokenizer.json; the BOS/EOS/PAD strings come from tokenizer_config.json beside it, if any."""
         import json
         from pathlib import Path
-        tok = _need("tokenizers").Tokenizer.from_file(str(path))
+        tok = need("tokenizers").Tokenizer.from_file(str(path))
         conf_file = Path(path).with_name("tokenizer_config.json")
         conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
 
@@ -165,7 +166,7 @@ class HFTokenizer:
     @classmethod
     def from_gguf(cls, path) -> "HFTokenizer":
         """The byte-level BPE (`tokenizer.ggml.model` "gpt2") stored in a GGUF file, special tokens included."""
-        gguf, tk = _need("gguf"), _need("tokenizers")
+        gguf, tk = need("gguf"), need("tokenizers")
         fields = gguf.GGUFReader(str(path)).fields
 
         def meta(key, default=None):

@@ -70,6 +70,11 @@ class BottleneckAdapter(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.scale = scale
 
+    @torch.no_grad()
+    def reset_parameters(self):                  # fc2 = 0: the adapted ViT starts equal to the frozen one
+        nn.init.xavier_uniform_(self.fc1.weight)
+        nn.init.zeros_(self.fc2.weight)
+
     def forward(self, x):                        # trainable fp32 beside frozen bf16/fp16 weights
         return (self.scale * self.fc2(self.drop(F.gelu(self.fc1(x.to(self.fc1.weight.dtype)))))).to(x.dtype)
 
@@ -132,13 +137,12 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
             nn.init.zeros_(blk.mlp.c_proj.bias)
             if blk.adapter is not None:
-                nn.init.xavier_uniform_(blk.adapter.fc1.weight)
-                nn.init.zeros_(blk.adapter.fc2.weight)
+                blk.adapter.reset_parameters()
 
     def forward(self, images: torch.Tensor, taps: list[int]) -> list[torch.Tensor]:
         """images (B, 3, H, W) -> [hidden state after block t for t in taps], each (B, 1 + P, Dv).
 
-        Raw residual-stream states (CLS first); the caller applies `ln_post` and drops CLS.
+        Raw residual-stream states (CLS first); `patch_features` gives what the visual memory reads.
         """
         x = self.conv1(images.to(self.conv1.weight.dtype))                    # (B, Dv, g, g)
         x = x.flatten(2).transpose(1, 2)                                        # (B, P, Dv)
@@ -151,3 +155,7 @@ class VisionTransformer(nn.Module):
             if i in taps:
                 out[i] = x
         return [out[t] for t in taps]
+
+    def patch_features(self, images: torch.Tensor, taps: list[int]) -> list[torch.Tensor]:
+        """X_v^l for each tapped block l: ln_post of its patch tokens, CLS dropped, each (B, P, Dv)."""
+        return [self.ln_post(h[:, 1:]) for h in self(images, taps)]

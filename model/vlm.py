@@ -43,8 +43,7 @@ class LSRM(nn.Module):
         Items without an image get Z = 0 (only P1/P2 remain), so the ViT runs only on those with one."""
         keep = has_image > 0
         if keep.all():
-            hidden = self.visual(images, self.cfg.lsrm.taps)                  # L x (B, 1 + P, Dv)
-            return self.memory.encode([self.visual.ln_post(h[:, 1:]) for h in hidden], has_image)  # CLS dropped
+            return self.memory.encode(self.visual.patch_features(images, self.cfg.lsrm.taps), has_image)
         z = self.memory.empty(images.shape[0])
         if keep.any():
             z = z.index_put((keep.nonzero()[:, 0],), self.encode_images(images[keep], has_image[keep]).to(z.dtype))

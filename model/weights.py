@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import pickle
@@ -46,6 +45,7 @@ import torch.nn as nn
 from .config import LlamaConfig, ViTConfig
 from .llama import RMSNorm, Transformer, rope_frequencies
 from .memory import VisualMemory
+from .tokenizer import need
 from .vit import BottleneckAdapter, VisionTransformer
 from .vlm import build, is_adapter, mark_only_adapters_trainable
 
@@ -64,11 +64,8 @@ class Source(NamedTuple):
 Tensors = dict[str, tuple[str, Callable[[], torch.Tensor]]]   # checkpoint key -> (file, getter)
 
 
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"reading this checkpoint needs the `{module}` package: pip install {module}") from None
+def _need(module: str):                        # an optional package, only for the formats that use it
+    return need(module, "reading this checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,9 +644,21 @@ def load_llama(llm: Transformer, path, device="cpu", dtype=torch.float32) -> str
 # ---------------------------------------------------------------------------------------------
 # The whole model
 
+def load_own(module: nn.Module, state: dict[str, torch.Tensor], what: str, **kw) -> None:
+    """Load a state dict in our own names (the tiny pretrained backbones): every key must match, and only
+    adapters may be absent (they start fresh)."""
+    missing, unexpected = module.load_state_dict(state, strict=False, **kw)
+    if unexpected or not all(is_adapter(k) for k in missing):
+        raise WeightsError(f"the {what} does not fit this config: {(unexpected + missing)[:3]}")
+
+
 def load_backbones(model: nn.Module, vit_path=None, llm_path=None, device="cpu", dtype=torch.float32) -> nn.Module:
-    """Fill the frozen parts of an `LSRM` (`.visual`, `.llama`), typically built with device="meta"."""
-    if vit_path is not None:
+    """Fill the frozen parts of an `LSRM` (`.visual`, `.llama`), typically built with device="meta".
+    `vit_path` may also be a state dict in our own names (the tiny pretrained ViT)."""
+    if isinstance(vit_path, dict):
+        state = {k: v.to(device=device, dtype=dtype) for k, v in vit_path.items()}
+        load_own(model.visual, state, "tiny ViT", assign=True)
+    elif vit_path is not None:
         load_vit(model.visual, vit_path, device, dtype)
     if llm_path is not None:
         load_llama(model.llama, llm_path, device, dtype)
@@ -672,14 +681,11 @@ def materialize(model: nn.Module, device="cpu", dtype=torch.float32) -> nn.Modul
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(m, BottleneckAdapter) and f"{prefix}fc1.weight" in fresh:
-            nn.init.xavier_uniform_(m.fc1.weight)        # as VisionTransformer.reset_parameters, adapters only
-            nn.init.zeros_(m.fc2.weight)                 # so the adapted ViT starts equal to the frozen one
+            m.reset_parameters()
         elif isinstance(m, VisionTransformer) and f"{prefix}proj" in fresh:
             nn.init.normal_(m.proj, std=m.cfg.width ** -0.5)
         elif isinstance(m, VisualMemory) and f"{prefix}p1" in fresh:
             m.reset_parameters()
-            for proj in m.projectors:
-                proj.reset_parameters()
     return model
 
 
@@ -721,3 +727,18 @@ def to_hf_llama_config(cfg: LlamaConfig) -> dict:
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                 hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 rope_theta=cfg.rope_theta, rope_scaling=scaling, tie_word_embeddings=cfg.tie_embeddings)
+
+
+def to_hf_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ViT's state dict -> CLIPVisionModel's (weights.HF_CLIP read backwards; in_proj split in q, k, v)."""
+    back: dict[str, list] = {}
+    for hf, rule in HF_CLIP.items():
+        ours, how = (rule, None) if isinstance(rule, str) else rule
+        if how is None or isinstance(how, int):                        # skip visual_projection (no proj here)
+            back.setdefault(ours, []).append((hf, how))
+    out = {}
+    for key, w in sd.items():
+        tmpl, i = _template(key)
+        for hf, piece in back.get(tmpl, ()):
+            out[hf.format(i=i)] = w if piece is None else w.chunk(3)[piece]
+    return out

@@ -17,7 +17,7 @@ from model.data import (CAPTION_PROMPT, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAG
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.pretrain import answer_index
+from tiny_data.pretrain import answer_index
 from model.tokenizer import ByteTokenizer, WordTokenizer, load_tokenizer
 from tiny_data import draw_scene, text_corpus
 from tiny_data import make_tiny_data as gen

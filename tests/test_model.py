@@ -171,7 +171,7 @@ def test_mixed_batch_runs_the_vit_only_on_images():
 
 def test_colour_mask_finds_the_patches_of_a_painted_shape():
     from PIL import Image, ImageDraw
-    from model.visualize import colour_mask
+    from tools.visualize import colour_mask
     img = Image.new("RGB", (64, 64), (245, 245, 240))
     ImageDraw.Draw(img).rectangle([16, 8, 31, 15], fill=(220, 40, 40))       # columns 2-3 of row 1 (8-px cells)
     mask = colour_mask(img, (220, 40, 40), 8).reshape(8, 8)
@@ -180,7 +180,7 @@ def test_colour_mask_finds_the_patches_of_a_painted_shape():
 
 
 def test_focus_on_named_is_M_on_the_mask_against_M_off_it():
-    from model.visualize import focus_on_named, inheritable_maps
+    from tools.visualize import focus_on_named, inheritable_maps
     model = trained_like(build(tiny(inheritable=True))).eval()
     tokens, images = batch(model.cfg, B=1)
     P = model.cfg.vit.n_patches

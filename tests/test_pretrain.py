@@ -11,7 +11,8 @@ import torch
 from conftest import CHILD_ENV
 
 from model import config as C
-from model import pretrain as P
+from tiny_data import make_tiny_data as world
+from tiny_data import pretrain as P
 from model.tokenizer import WordTokenizer
 from model.train import CheckpointError
 
@@ -27,7 +28,7 @@ def tok():
 def test_pretraining_rows_hold_the_pictures_in_words_whole(tok):
     """A document longer than a row is dropped from the LM's pretraining (pack_documents): no picture
     question with its picture in words may be (at 128-token rows most were, and the oracle stayed low)."""
-    docs = P._world().text_corpus(P.LM_RECIPE["seed"], 1500)
+    docs = world.text_corpus(P.LM_RECIPE["seed"], 1500)
     pictures = [d for d in docs if d.startswith("Question: ") and ("Counts: " in d or "West to east: " in d)]
     assert len(pictures) > 400                                           # 35% of the documents
     assert max(len(tok.encode(d, bos=True, eos=True)) for d in docs) <= P.LM_RECIPE["seq_len"] + 1

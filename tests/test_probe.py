@@ -1,4 +1,4 @@
-"""The ViT probe (model/probe.py): its documented result on a random ViT; on features that carry colour
+"""The ViT probe (tiny_data/probe.py): its documented result on a random ViT; on features that carry colour
 and shape per slot but no position, it reads identity, and position only with the position tables;
 through the command line it writes its table, figure and JSON."""
 import dataclasses
@@ -13,12 +13,12 @@ import torch
 from conftest import CHILD_ENV
 
 import model.config as C
-from model.pretrain import _world
-from model.probe import CHANCE, COLUMNS, POSITION, TASKS, load_vit, probe_vit, train_probe
+from tiny_data import make_tiny_data
+from tiny_data.probe import CHANCE, COLUMNS, POSITION, TASKS, load_vit, probe_vit, train_probe
 from model.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
-W = _world()
+W = make_tiny_data
 
 
 def test_probe_vit_on_a_random_vit_returns_the_documented_result():

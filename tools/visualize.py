@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .vlm import LSRM
+from model.vlm import LSRM
 
 # a perceptual dark-to-bright ramp (approximately matplotlib's "inferno" at five stops)
 RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
@@ -58,11 +58,11 @@ def labelled(tiles: list[tuple[str, Image.Image]], title: str) -> Image.Image:
 @torch.no_grad()
 def inheritable_maps(model: LSRM, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """M after the last block for every position of `tokens` (1, T) with `image` (1, 3, H, W): (T, P)."""
-    if not model.inheriting:
-        raise ValueError("Figure 3 draws M, and this model does not apply it (MemVP, lsrm.inheritable=false, "
-                         "or a run stopped before lsrm.shift_epoch)")
     model.eval()
+    applied = model.inheriting
+    model.inherit(True)              # M is drawn even where training did not apply it (MemVP, before shift_epoch)
     read = model.memory_read(model.visual_memory(1, image))
+    model.inherit(applied)
     model.llama(tokens, memory=read)
     return read.M[0, :, : model.cfg.vit.n_patches].float().cpu()                      # (T, P)
 
@@ -120,9 +120,8 @@ def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor,
 def projector_maps(model: LSRM, image: torch.Tensor) -> list[np.ndarray]:
     """Per tapped layer, |SRProj_l(x_p)| for every patch p of `image` (1, 3, H, W): a (P,) array each."""
     model.eval()
-    hidden = model.visual(image, model.cfg.lsrm.taps)
-    return [proj(model.visual.ln_post(h[:, 1:]).to(proj.fc1.weight.dtype))[0].norm(dim=-1).float().cpu().numpy()
-            for proj, h in zip(model.memory.projectors, hidden)]                     # (1, P, D) -> (P,)
+    feats = model.memory.project(model.visual.patch_features(image, model.cfg.lsrm.taps))
+    return [f[0].norm(dim=-1).float().cpu().numpy() for f in feats]                 # (1, P, D) -> (P,)
 
 
 def projector_focus(model: LSRM, items) -> list[float] | None:
@@ -172,3 +171,53 @@ def save(img: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def draw_figures(model: LSRM, tokenizer, path: Path, prompt: str, out: Path, device) -> tuple[str, Path, Path]:
+    """Figures 3 and 5 for one image and prompt: the model answers it, and Figure 3 shows M at four positions
+    (mid-question, end of the question line, the answer's first and last token). Returns the answer and both
+    PNGs' paths."""
+    from model.data import load_image
+    from model.evaluate import ANSWER_PREFIX, generate
+    cfg = model.cfg
+    image = load_image(path, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+    prefix = ANSWER_PREFIX if cfg.train.task == "scienceqa" else ""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt + prefix)
+    answer = generate(model, torch.tensor([ids], device=device), model.visual_memory(1, image), 8, tokenizer.eos_id)[0]
+    text = prompt + prefix + tokenizer.decode(answer)
+    n = len(tokenizer.encode(text)) + 1                                   # + BOS
+    q_end = len(tokenizer.encode(prompt.split("\n")[0])) + 1            # end of the question line
+    positions = sorted({max(1, q_end // 2), q_end, n - len(answer) - 1, n - 1})
+    pil = Image.open(path)
+    f3 = save(figure3(model, tokenizer, pil, image, text, positions), out / "figure3_inheritable_M.png")
+    f5 = save(figure5(model, pil, image), out / "figure5_lambda_and_maps.png")
+    return tokenizer.decode(answer), f3, f5
+
+
+def focus_report(model: LSRM, tokenizer, examples, device, limit: int = 200) -> list[str]:
+    """Figures 3 and 5b's claims as numbers, on up to `limit` test pictures of the toy world: M on the patches
+    of each object the question names by one of the toy palette's colours ("the red circle": the token after
+    "red") against M on the rest of the picture (focus_on_named), and each projector's activation there
+    against the rest (projector_focus)."""
+    from model.data import load_image
+    from tiny_data.make_tiny_data import COLOURS as palette
+    cfg, items = model.cfg, []
+    for ex in [e for e in examples if e.image is not None][:limit]:
+        ids = [tokenizer.bos_id] + tokenizer.encode(ex.prompt.split("\n")[0])      # the question line
+        pil = Image.open(ex.image)
+        named = [(p + 1, colour_mask(pil, palette[word], cfg.vit.grid)) for p in range(1, len(ids) - 1)
+                 if (word := tokenizer.decode([ids[p]]).strip()) in palette]
+        if named:
+            image = load_image(ex.image, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+            items.append((torch.tensor([ids], device=device), image, named))
+    f, r = focus_on_named(model, items), projector_focus(model, items)
+    lines = []
+    if r:
+        lines.append("Figure 5b as a number: mean |SRProj(x_p)| on the named objects' patches / on the rest, per "
+                     "tapped block (counted from 1): " +
+                     ", ".join(f"block {t + 1} x{v:.2f}" for t, v in zip(cfg.lsrm.taps, r)))
+    if f["tokens"]:
+        lines.append(f"Figure 3 as a number ({f['tokens']} tokens naming an object by colour, {len(items)} test "
+                     f"pictures): mean M {f['on']:.3f} on the named object's patches, {f['off']:.3f} on the rest "
+                     f"(x{f['ratio']:.2f}; higher on the object for {100 * f['share_higher']:.1f}% of the tokens)")
+    return lines

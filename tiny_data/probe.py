@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
-from .data import preprocess_image
-from .vit import VisionTransformer
+from model.config import Config
+from model.data import preprocess_image
+from model.vit import VisionTransformer
 
 POSITION = {"left/right": "x", "above/below": "y"}      # position task -> the axis it asks about
 TASKS = ("identity", *POSITION)
@@ -76,8 +76,7 @@ def block_features(vit: VisionTransformer, images: torch.Tensor, batch: int = 25
     blocks = list(range(vit.cfg.layers))
     out = []
     for i in range(0, len(images), batch):
-        hidden = vit(images[i:i + batch], blocks)                       # L x (b, 1 + P, Dv)
-        out.append(torch.stack([vit.ln_post(h[:, 1:]).float() for h in hidden]))
+        out.append(torch.stack([f.float() for f in vit.patch_features(images[i:i + batch], blocks)]))  # L x (b, P, Dv)
     return torch.cat(out, 1)
 
 

