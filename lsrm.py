@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p = with_set(sub.add_parser("ablate", help="Table 5 (the component ladder) over seeds, and a δ/λ sweep"))
     p.add_argument("--config", default="tiny", help=f"one of: {', '.join(C.PRESETS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ladder row")
-    p.add_argument("--sweep-seeds", type=int, default=1, help="seeds per δ/λ sweep point")
+    p.add_argument("--sweep-seeds", type=int, default=3, help="seeds per δ/λ sweep point")
     p.add_argument("--deltas", type=float, nargs="*", default=[0.1, 0.5], help="δ values (λ fixed)")
     p.add_argument("--lams", type=float, nargs="*", default=[0.7, 0.95], help="λ values (δ fixed)")
     p.add_argument("--out", default="runs/ablate")

@@ -58,6 +58,8 @@ def smoke_ckpt(tmp_path_factory):
 def test_bash_commands_run(command, tmp_path, request):
     """train/ablate/probe at smoke size; commands that read a checkpoint read a smoke run's; outputs go to tmp."""
     extra = [*SMOKE, "--out", str(tmp_path)] if command.split()[2] in ("train", "ablate") else []
+    if command.split()[2] == "ablate":         # one seed per ladder row and sweep point: 8 smoke runs
+        extra += ["--seeds", "1", "--sweep-seeds", "1"]
     if command.split()[2] == "probe":          # random ViT, a few pictures and steps; nothing written to figures/
         extra = ["--set", "train.pretrained=false", "--train", "64", "--test", "32", "--steps", "5",
                  "--out", str(tmp_path)]
