@@ -206,7 +206,7 @@ def test_visualize_writes_both_figures(trained, tmp_path):
 
 
 def test_ablate_runs_the_ladder_and_writes_a_table(tmp_path):
-    r = run("ablate", "--seeds", 2, "--deltas", 0.1, "--lams", "--out", tmp_path, *QUICK,
+    r = run("ablate", "--seeds", 2, "--sweep-seeds", 1, "--deltas", 0.1, "--lams", "--out", tmp_path, *QUICK,
             "--set", "train.limit=16")
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "ablation.md").read_text()
