@@ -10,8 +10,10 @@ given the picture in words as the context (*oracle*, where the data has a "descr
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -52,6 +54,24 @@ def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens:
         logits = step(nxt[:, None], T + i)
     model.llama.reset_cache()
     return [[t for t in row if t != eos_id] for row in out.tolist()]
+
+
+class TextStream:
+    """`generate`'s on_token for one sequence: writes the text as soon as its tokens form whole characters
+    (a byte token may be half of one); `rest()` is whatever is left (an incomplete character shows as �)."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write, self.pending = tokenizer, write, []
+
+    def __call__(self, tok: torch.Tensor) -> None:
+        self.pending.append(int(tok[0]))
+        text = self.tokenizer.decode(self.pending)
+        if "\ufffd" not in text and int(tok[0]) != self.tokenizer.eos_id:
+            self.write(text)
+            self.pending.clear()
+
+    def rest(self) -> str:
+        return self.tokenizer.decode(self.pending)
 
 
 def _by_length(prompts: list[list[int]], batch: int):
@@ -178,3 +198,10 @@ def report(cfg, result: dict) -> str:
     if result.get("why_no_oracle"):
         out += f"\n{result['why_no_oracle']}"
     return out
+
+
+def save(result: dict, path: Path, records: Path | None = None) -> None:
+    """The result without its per-item records as JSON to `path`; the records, one JSON line each, to `records`."""
+    Path(path).write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
+    if records is not None:
+        Path(records).write_text("".join(json.dumps(r) + "\n" for r in result["records"]))

@@ -104,13 +104,21 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename: a crash never leaves half a file."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file in the same directory, then rename it to `path`: a crash never
+    leaves half a file (the rename is atomic), and a failed write leaves the old file and no temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path: Path) -> None:
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def keep_history(path: Path, step: int) -> None:
@@ -119,9 +127,7 @@ def keep_history(path: Path, step: int) -> None:
         lines = [ln for ln in path.read_text().splitlines(keepends=True) if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
         if len(kept) < len(lines):
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 class StopOnInterrupt:

@@ -2,7 +2,6 @@
 import importlib
 import os
 import random
-import re
 import shutil
 
 import numpy as np

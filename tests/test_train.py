@@ -13,7 +13,8 @@ from model import get_config
 from model.config import apply_overrides
 from model.data import VLDataset, collate, read_scienceqa
 from model.tokenizer import ByteTokenizer
-from model.train import (CheckpointError, get_lr, load_adapters, load_checkpoint, make_optimizer, train)
+from model.train import (CheckpointError, get_lr, load_adapters, load_checkpoint, make_optimizer, train,
+                         write_atomically)
 from model.vlm import adapter_state_dict, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,19 @@ def test_checkpoint_is_written_atomically(dataset, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 5 and set(ckpt["adapters"]) == set(adapter_state_dict(build(cfg)))
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("the old run")
+
+    def disk_full(tmp):
+        tmp.write_text("half a fil")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(path, disk_full)
+    assert path.read_text() == "the old run" and list(tmp_path.iterdir()) == [path]
 
 
 DDP_ARGS = ["--set", "train.limit=32", "--set", "train.epochs=1", "--set", "train.batch_size=16",

@@ -34,7 +34,7 @@ from model.assemble import ROOT
 from model.config import Config, LlamaConfig, ViTConfig
 from model.data import preprocess_image
 from model.llama import Transformer
-from model.train import CheckpointError, atomic_save, autocast
+from model.train import CheckpointError, atomic_save, autocast, write_atomically
 from model.vit import VisionTransformer
 
 from . import make_tiny_data as world                 # the toy world's generator
@@ -51,6 +51,9 @@ LM_RECIPE = dict(seed=4321, docs=100000, steps=3200, batch=24, seq_len=224, lr=3
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup (step 0 already at peak / warmup), then half a cosine to 0: model.train.get_lr's shape
+    in steps. Kept apart from it on purpose: one function for both rounds these lrs differently in the last
+    bit, and that changes the committed backbones' bytes (README, "Tiny backbones": checksums)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -283,9 +286,6 @@ def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False
         buf = io.BytesIO()
         torch.save(blob, buf)
         path = Path(out) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
         sums[str(path)] = hashlib.sha256(buf.getvalue()).hexdigest()
     return sums

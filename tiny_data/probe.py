@@ -23,8 +23,11 @@ only if the features still carry it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 from model.config import Config
 from model.data import preprocess_image
+from model.train import fmt_time
 from model.vit import VisionTransformer
 
 POSITION = {"left/right": "x", "above/below": "y"}      # position task -> the axis it asks about
@@ -241,3 +245,25 @@ def probe_figure(result: dict):
         ly += 14
     d.text((lx, ly), "dashed: chance levels", fill=(90, 90, 90), font=small)
     return img
+
+
+def run_probe(cfg: Config, out: Path, n_train: int = 2000, n_test: int = 500, steps: int = 1500,
+              seed: int = 0) -> str:
+    """`python lsrm.py probe`: the tiny ViT's pretrained weights (random ones if `train.pretrained` is false: a
+    smoke test) probed per block on the toy world's pictures; writes out/probe.png and out/probe.json and
+    returns the table and what was written."""
+    from model.vlm import build
+    from . import make_tiny_data
+    from .pretrain import pretrained_vit
+    if cfg.train.pretrained:
+        state = pretrained_vit(cfg)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        state = build(cfg).visual.state_dict()
+    t0 = time.time()
+    result = probe_vit(cfg, state, make_tiny_data, n_train, n_test, steps, seed, log=lambda *a: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe_figure(result).save(out / "probe.png")
+    (out / "probe.json").write_text(json.dumps(result, indent=1))
+    return format_probe(result) + f"\n{fmt_time(time.time() - t0)}; wrote {out / 'probe.png'} and {out / 'probe.json'}"

@@ -391,3 +391,10 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"{head} {r['a']:>14} {r['b']:>14} {r['a_value']:11.3f} {r['b_value']:11.3f} "
                      f"{r['unit']:9} {r['ratio']:6.3f} {target:>7}")
     return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+    """`run_bench`'s result as `python lsrm.py bench` prints it: the machine, then one line per row."""
+    m = result["machine"]
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} thread(s), "
+            f"{', '.join(m['devices'])}; median of {result['reps']} interleaved repetition(s)\n" + format_rows(result["rows"]))

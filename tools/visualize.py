@@ -221,3 +221,18 @@ def focus_report(model: LSRM, tokenizer, examples, device, limit: int = 200) -> 
                      f"pictures): mean M {f['on']:.3f} on the named object's patches, {f['off']:.3f} on the rest "
                      f"(x{f['ratio']:.2f}; higher on the object for {100 * f['share_higher']:.1f}% of the tokens)")
     return lines
+
+
+def visualize(model: LSRM, tokenizer, out: Path, device, image: Path | None = None, prompt: str | None = None,
+              examples=None) -> list[str]:
+    """`python lsrm.py visualize`: both figures for `image` and `prompt`, or for the first test picture of
+    `examples` and its own question; with that default on ScienceQA-format data, also focus_report's numbers.
+    Returns the lines to print."""
+    if image is None:
+        ex = next(e for e in examples if e.image is not None)
+        image, prompt = ex.image, prompt or ex.prompt
+    answer, f3, f5 = draw_figures(model, tokenizer, Path(image), prompt or "", Path(out), device)
+    lines = [f"answer: {answer!r}", f"wrote {f3}", f"wrote {f5}"]
+    if examples is not None and model.cfg.train.task == "scienceqa":
+        lines += focus_report(model, tokenizer, examples, device)
+    return lines

@@ -1,0 +1,78 @@
+"""The paper's Table 5 and its δ/λ study (`python lsrm.py ablate`; tutorial §8).
+
+The ladder (`ladder` in model/config.py: MemVP, + multilevel fusion, + SRProj, + inheritable
+cross-attention) is trained and tested over several seeds, then δ and λ are swept around the config's
+values with the others fixed. The sweep's centre is the ladder's last row: a run already made (same
+config, same seed) is not made again. Seeds are added to `train.seed`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from model import config as C
+from model.assemble import make_dataset, make_tokenizer, model_from_config
+from model.data import collate
+from model.evaluate import evaluate
+from model.metrics import seeds_tables
+from model.train import fmt_time, train
+from model.vlm import param_groups
+
+
+def plan(cfg: C.Config, seeds: int, sweep_seeds: int, deltas, lams) -> list[tuple[str, str, C.Config, int]]:
+    """[(part, row name, config with its seed, seed)] for part 'ladder' then 'sweep', in running order."""
+    d, lam = cfg.lsrm.delta, cfg.lsrm.decay
+    sweep = [(f"δ={x}, λ={lam}", [f"lsrm.delta={x}"]) for x in sorted({*deltas, d})] + \
+            [(f"δ={d}, λ={x}", [f"lsrm.decay={x}"]) for x in sorted({*lams} - {lam})]
+    runs = [("ladder", name, c, s) for name, c in C.ladder(cfg) for s in range(seeds)]
+    runs += [("sweep", name, C.apply_overrides(cfg, o), s) for name, o in sweep for s in range(sweep_seeds)]
+    return [(part, name, C.apply_overrides(c, [f"train.seed={c.train.seed + s}"]), s) for part, name, c, s in runs]
+
+
+def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 3, deltas=(0.1, 0.5),
+           lams=(0.7, 0.95), log=print) -> str:
+    """Run the plan; write out/run{i}/ for each distinct run, out/ablation.md and out/ablation.json; return
+    the markdown (IMG and each picture type as mean ± std: `metrics.seeds_tables`)."""
+    out, t0 = Path(out), time.time()
+    tokenizer = make_tokenizer(cfg)
+    _, train_set = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
+    test_data = make_dataset(cfg, cfg.train.eval_split, tokenizer)
+    runs = plan(cfg, seeds, sweep_seeds, deltas, lams)
+    key = lambda c: json.dumps({**c.to_dict(), "name": None}, sort_keys=True)
+    todo = list(dict.fromkeys(key(c) for _, _, c, _ in runs))          # distinct runs, in order
+    done: dict[str, dict] = {}
+    spent = 0.0
+    for part, name, c, seed in runs:
+        if key(c) in done:
+            continue
+        torch.manual_seed(c.train.seed)
+        model = model_from_config(c, device, log=log)        # the first one may pretrain: not counted in the ETA
+        t_run = time.time()
+        trainable = sum(g["trainable"] for g in param_groups(model).values())
+        train(c, model, train_set, lambda items: collate(items, tokenizer.pad_id), out / f"run{len(done)}",
+              log=lambda *a: None, device=device)
+        r = evaluate(c, model, tokenizer, c.train.eval_split, device, log=None, loaded=test_data, bounds=False)
+        done[key(c)] = {"metrics": r["metrics"], "by_type": r["by_type"], "trainable": trainable}
+        spent += time.time() - t_run
+        log(f"ablate {len(done)}/{len(todo)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
+            f"ETA {fmt_time(spent / len(done) * (len(todo) - len(done)))}")
+    rows = {"ladder": {}, "sweep": {}}
+    for part, name, c, _ in runs:
+        rows[part].setdefault(name, []).append(done[key(c)])
+    text = ""
+    if rows["ladder"]:
+        trainable = {name: runs_[0]["trainable"] for name, runs_ in rows["ladder"].items()}
+        text += f"## Table 5: the ladder, {seeds} seed(s) per row\n\n" + \
+            seeds_tables(rows["ladder"], trainable) + "\n\n"
+    if rows["sweep"]:
+        text += (f"## Figure 4: δ and λ around δ={cfg.lsrm.delta}, λ={cfg.lsrm.decay}, {sweep_seeds} seed(s) "
+                 f"per point\n\n" + seeds_tables(rows["sweep"]) + "\n\n")
+    text += (f"Test accuracy (%), mean ± std over seeds 0.. added to train.seed; config {cfg.name}; "
+             f"{len(done)} runs, {fmt_time(time.time() - t0)} in all.\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text(text)
+    (out / "ablation.json").write_text(json.dumps(rows, indent=1))
+    return text
