@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +155,11 @@ DDP_ARGS = ["--set", "train.limit=32", "--set", "train.epochs=1", "--set", "trai
             "--no-eval"]
 
 
+# a port taken between torchrun choosing it and a worker binding it, or a peer gone before connecting
+SOCKET_TROUBLE = re.compile(r"EADDRINUSE|Address already in use|Connection (refused|reset by peer)|"
+                            r"failed to listen|RendezvousConnectionError")
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains the same adapters as 1 process with the same global batch."""
@@ -160,10 +167,14 @@ def test_two_processes_equal_one(tmp_path):
     one = subprocess.run([sys.executable, "lsrm.py", "train", "--out", str(tmp_path / "one"), *DDP_ARGS],
                          cwd=ROOT, capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "lsrm.py", "train", "--out", str(tmp_path / "two"), *DDP_ARGS],
-                         cwd=ROOT, capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-2000:]
+    for attempt in range(2):              # once more only if the failure is the sockets', not the training's
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "lsrm.py", "train", "--out", str(tmp_path / "two"), *DDP_ARGS],
+                             cwd=ROOT, capture_output=True, text=True, env=env)
+        if two.returncode == 0 or not SOCKET_TROUBLE.search(two.stderr):
+            break
+    assert two.returncode == 0, two.stderr[:1500] + "\n...\n" + two.stderr[-2500:]
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["adapters"]
     b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["adapters"]
     assert set(a) == set(b)
