@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """lsrm: the one command-line entry point.
 
-    python lsrm.py train                                   tiny pretrain (cached) + LSRM fine-tune + test
+    python lsrm.py train                                   tiny backbones (committed) + LSRM fine-tune + test
     python lsrm.py eval --ckpt runs/tiny/checkpoint.pt     the accuracy table (or BLEU/CIDEr for COCO)
     python lsrm.py generate --ckpt ... --image P --prompt "..."   greedy decoding, streamed
     python lsrm.py params --config llama-7b [--json]       trainable / total parameters, by group
+    python lsrm.py ablate | visualize | probe | bench      Table 5, Figures 3 and 5, the ViT probe, speed
+
+Each command's options: `python lsrm.py COMMAND --help`. The work is in model/ (the model), tools/ (ablate,
+bench, visualize) and tiny_data/ (the toy world, its backbones, the probe); this file only parses and prints.
 
 Options of the config are set with `--set key=value` (e.g. `--set train.epochs=5 --set lsrm.delta=0.2`);
 an unknown key is an error that lists the valid ones. Multi-process: `torchrun --nproc_per_node=K lsrm.py train`.
