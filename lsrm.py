@@ -133,6 +133,8 @@ def cmd_stepcheck(args) -> None:
 def cmd_ablate(args) -> None:
     """Table 5 (the ladder) over seeds, then the δ / λ sweep around the config's values (tools/ablate.py)."""
     from tools.ablate import ablate
+    if min(args.seeds, args.sweep_seeds) < 0 or args.seeds + args.sweep_seeds == 0:
+        raise UserError(f"--seeds {args.seeds} --sweep-seeds {args.sweep_seeds}: counts of runs, >= 0 and not both 0")
     cfg = load_config(args.config, args.set)
     text = ablate(cfg, Path(args.out), default_device(), args.seeds, args.sweep_seeds, args.deltas, args.lams,
                   log=functools.partial(print, flush=True))

@@ -277,6 +277,20 @@ def test_bad_config_is_one_line_before_anything_is_written(override, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+BAD_ABLATION = {
+    ("--deltas", "1.5"): "lsrm.delta must be in [0, 1], got 1.5",
+    ("--lams", "0"): "lsrm.decay must be in (0, 1], got 0.0",
+    ("--seeds", "-1"): "--seeds -1 --sweep-seeds 3: counts of runs, >= 0 and not both 0",
+}
+
+
+@pytest.mark.parametrize("args", list(BAD_ABLATION))
+def test_bad_ablation_is_one_line_before_anything_is_written(args, tmp_path):
+    r = run("ablate", *args, "--out", tmp_path / "ablate")
+    assert r.returncode == 2 and r.stderr == f"error: {BAD_ABLATION[args]}\n"
+    assert not (tmp_path / "ablate").exists()
+
+
 def test_negative_max_new_tokens_is_refused(trained):
     out, _ = trained
     r = run("generate", "--ckpt", out / "checkpoint.pt", "--prompt", "x", "--max-new-tokens", "-3")

@@ -37,10 +37,10 @@ def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 
     """Run the plan; write out/run{i}/ for each distinct run, out/ablation.md and out/ablation.json; return
     the markdown (IMG and each picture type as mean ± std: `metrics.seeds_tables`)."""
     out, t0 = Path(out), time.time()
+    runs = plan(cfg, seeds, sweep_seeds, deltas, lams)                 # a bad δ or λ stops here, before any work
     tokenizer = make_tokenizer(cfg)
     _, train_set = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
     test_data = make_dataset(cfg, cfg.train.eval_split, tokenizer)
-    runs = plan(cfg, seeds, sweep_seeds, deltas, lams)
     key = lambda c: json.dumps({**c.to_dict(), "name": None}, sort_keys=True)
     todo = list(dict.fromkeys(key(c) for _, _, c, _ in runs))          # distinct runs, in order
     done: dict[str, dict] = {}
