@@ -106,6 +106,42 @@ def test_the_picture_in_words_states_what_the_questions_ask():
                                                "town. The red town is west of the blue town.")
 
 
+def test_solutions_are_steps_that_lead_to_the_answer():
+    """Each solution is facts, then a comparison of two explicit numbers that agrees with them, then the
+    content answer; the places are the 8x8 grid's columns and rows (1..8, from the left and from the top)."""
+    import re
+    rng = gen.Rng(7)
+    for make in (gen.q_relation, gen.q_owner, gen.q_compare_count):
+        for _ in range(60):
+            q = make(rng)
+            assert q.solution.endswith(f" So {q.answer}.")
+            facts = re.findall(r"(?:in (?:column|row)|is) (\d)\.", q.solution)
+            m = re.search(r"(\d) is (less|more) than (\d)\.", q.solution)
+            a, word, b = int(m[1]), m[2], int(m[3])
+            assert [a, b] == [int(f) for f in facts[:2]] and (a < b) == (word == "less") and a != b
+            if make is not gen.q_compare_count:                  # a place: the object's cell on the question's axis
+                assert 1 <= a <= 8 and 1 <= b <= 8
+    relation = next(q for q in iter(lambda: gen.q_relation(rng), None) if "left of" in q.question)
+    a, b = re.findall(r"in column (\d)", relation.solution)
+    assert (int(a) < int(b)) == (relation.answer == "yes")
+    for obj in relation.scene:
+        assert gen.cell(obj, "x") == obj["x"] * 8 // gen.IMAGE_SIZE + 1
+
+
+def test_shuffled_choices_keep_the_answer_and_spread_the_letters(tmp_path):
+    gen.make_scienceqa(tmp_path, sizes={"train": 300, "val": 4, "test": 4}, shuffle=True)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    committed = json.loads((SQA / "problems.json").read_text())
+    fixed = collections.Counter(tuple(p["choices"]) for p in committed.values() if p["category"] == "Counting shapes")
+    assert len(fixed) == 1                                       # the committed set lists them in one order
+    counts = [tuple(p["choices"]) for p in problems.values() if p["category"] == "Counting shapes"]
+    assert len(set(counts)) > 1                                  # shuffled: several orders
+    letters = collections.Counter(p["answer"] for p in problems.values() if len(p["choices"]) == 2)
+    assert min(letters.values()) > 0.35 * sum(letters.values())
+    for p in problems.values():
+        assert p["solution"].endswith(f" So {p['choices'][p['answer']]}.")
+
+
 def test_text_corpus_uses_the_fine_tuning_format():
     docs = text_corpus(11, 300)
     questions = [d for d in docs if d.startswith("Question: ")]

@@ -237,6 +237,25 @@ def clear_direction(a: dict, b: dict) -> str | None:
     return ("east" if dx > 0 else "west") if abs(dx) > abs(dy) else ("south" if dy > 0 else "north")
 
 
+# Step-wise solutions (QCM-EA): the facts a question needs, one at a time, then the comparison of two
+# explicit numbers, then the content answer ("So yes."). A place is a small number: the 64-px picture is 8
+# columns and 8 rows of 8 px (the tiny ViT's patch grid), counted from 1 at the left and at the top; a GAP of
+# 10 px always puts two objects in different columns (rows). Solutions draw nothing from the rng.
+CELL = IMAGE_SIZE // 8
+
+
+def cell(o: dict, axis: str) -> int:
+    return o[axis] // CELL + 1
+
+
+def where(o: dict, axis: str) -> str:
+    return f"in column {cell(o, 'x')}" if axis == "x" else f"in row {cell(o, 'y')}"
+
+
+def compare(a: int, b: int) -> str:
+    return f"{a} is {'less' if a < b else 'more'} than {b}."
+
+
 def q_relation(rng):
     rel = rng.choice(["to the left of", "to the right of", "above", "below"])
     want = rng.deal("relation", ["yes", "no"])
@@ -253,7 +272,8 @@ def q_relation(rng):
             return None
         ra, rb = ref(rng, a, objects), ref(rng, b, objects)
         return Q(f"Is {ra} {rel} {rb}?", ["yes", "no"], want, scene=objects,
-                 solution=f"Look at where the two shapes are. {ra.capitalize()} is {'' if truth else 'not '}{rel} {rb}.")
+                 solution=f"{ra.capitalize()} is {where(a, axis)}. {rb.capitalize()} is {where(b, axis)}. "
+                          f"{compare(cell(a, axis), cell(b, axis))} So {want}.")
     return until(make)
 
 
@@ -270,7 +290,7 @@ def q_extreme(rng):
         if (first := first_clearly(objects, axis, best)) is None or first["colour"] != want:
             return None
         return Q(f"What colour is the shape closest to the {edge} of the picture?", list(COLOURS), first["colour"],
-                 scene=objects, solution=f"The {name(first)} is nearer the {edge} than any other shape.")
+                 scene=objects, solution=f"The shape closest to the {edge} is the {name(first)}. So {first['colour']}.")
     return until(make)
 
 
@@ -285,8 +305,9 @@ def q_colour_beside(rng):
         if (other := only_beyond(objects, anchor, side)) is None or other["colour"] != want:
             return None
         r = ref(rng, anchor, objects)
-        return Q(f"What colour is the shape {side} {r}?", list(COLOURS), want,
-                 scene=objects, solution=f"Only one shape is {side} {r}: the {name(other)}. It is {want}.")
+        return Q(f"What colour is the shape {side} {r}?", list(COLOURS), want, scene=objects,
+                 solution=f"{r.capitalize()} is {where(anchor, SIDES[side][0])}. The shape {side} it is the "
+                          f"{name(other)}. So {want}.")
     return until(make)
 
 
@@ -302,7 +323,7 @@ def q_count(rng):
     objects = place(rng, kinds)
     what = f"{attr} shapes" if by_colour else plural(attr)
     return Q(f"How many {what} are there?", ["0", "1", "2", "3"], str(want),
-             scene=objects, solution=f"Count the {what} in the picture. There {'is' if want == 1 else 'are'} {want}.")
+             scene=objects, solution=f"The number of {what} is {want}. So {want}.")
 
 
 def q_compare_count(rng):
@@ -319,7 +340,7 @@ def q_compare_count(rng):
     objects = place(rng, kinds)
     wa, wb = (f"{a} shapes", f"{b} shapes") if by_colour else (plural(a), plural(b))
     return Q(f"Are there more {wa} than {wb}?", ["yes", "no"], want, scene=objects,
-             solution=f"There {'is' if na == 1 else 'are'} {na} {wa if na != 1 else wa[:-1]} and {nb} {wb if nb != 1 else wb[:-1]}.")
+             solution=f"The number of {wa} is {na}. The number of {wb} is {nb}. {compare(na, nb)} So {want}.")
 
 
 def q_nearest(rng):
@@ -331,8 +352,9 @@ def q_nearest(rng):
         if (others := nearest_to(objects, target)) is None or others[0]["colour"] != want:
             return None
         r = ref(rng, target, objects)
-        return Q(f"What colour is the shape nearest to {r}?", list(COLOURS), others[0]["colour"],
-                 scene=objects, solution=f"The {name(others[0])} is closer to {r} than the other shapes are.")
+        return Q(f"What colour is the shape nearest to {r}?", list(COLOURS), others[0]["colour"], scene=objects,
+                 solution=f"{r.capitalize()} is in column {cell(target, 'x')}, row {cell(target, 'y')}. The shape "
+                          f"nearest to it is the {name(others[0])}. So {want}.")
     return until(make)
 
 
@@ -354,9 +376,11 @@ def q_owner(rng):
         winner = p if best(a[axis], b[axis]) == a[axis] else q
         if (winner == p) != first_wins:
             return None
-        hint = f"{p} owns {ref(rng, a, objects)}. {q} owns {ref(rng, b, objects)}."
+        ra, rb = ref(rng, a, objects), ref(rng, b, objects)
+        hint = f"{p} owns {ra}. {q} owns {rb}."
         return Q(f"Whose shape is {rel} the picture?", [p, q], winner, hint=hint, scene=objects, keep_order=True,
-                 solution=f"{winner}'s shape is {rel} the picture.")
+                 solution=f"{p} owns {ra}, {where(a, axis)}. {q} owns {rb}, {where(b, axis)}. "
+                          f"{compare(cell(a, axis), cell(b, axis))} So {winner}.")
     return until(make)
 
 
@@ -375,8 +399,10 @@ def q_map_farthest(rng):
         names = rng.sample(TOWNS, len(towns))
         hint = "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
         answer = names[towns.index(first)]
+        facts = " ".join(f"The {o['colour']} town is {where(o, axis)}." for o in towns)
+        most = "the least" if best is min else "the most"
         return Q(f"Which town is farthest {direction}?", names, answer, hint=hint, scene=towns, kind="map", keep_order=True,
-                 solution=f"North is at the top of the map. {answer} is farther {direction} than the other towns.")
+                 solution=f"{facts} {cell(first, axis)} is {most}. The {first['colour']} town is {answer}. So {answer}.")
     return until(make)
 
 
@@ -390,8 +416,17 @@ def q_map_direction(rng):
             return None
         return Q(f"In which direction is the {a['colour']} town from the {b['colour']} town?",
                  DIRECTIONS, want, scene=towns, kind="map",
-                 solution=f"North is at the top of a map. The {a['colour']} town lies {want} of the {b['colour']} town.")
+                 solution=f"The {a['colour']} town is in column {cell(a, 'x')}, row {cell(a, 'y')}. The {b['colour']} "
+                          f"town is in column {cell(b, 'x')}, row {cell(b, 'y')}. So {want}.")
     return until(make)
+
+
+def ranked(numbers: list[int], most: bool) -> str:
+    """The step that picks the largest (most) or smallest of the numbers a hint gives: a comparison of two, or
+    "90 is the most." of three."""
+    if len(numbers) == 2:
+        return compare(*numbers)
+    return f"{max(numbers) if most else min(numbers)} is the {'most' if most else 'least'}."
 
 
 def q_magnets(rng):
@@ -399,7 +434,8 @@ def q_magnets(rng):
     answer = "repel" if p1 == p2 else "attract"
     hint = f"A {p1} pole is next to a {p2} pole."
     return Q("Will these magnets attract or repel?", ["attract", "repel"], answer, hint=hint,
-             solution=f"Like poles repel and opposite poles attract. These magnets {answer}.")
+             solution=f"{p1.capitalize()} and {p2} are {'like' if p1 == p2 else 'opposite'} poles. "
+                      f"{'Like' if p1 == p2 else 'Opposite'} poles {answer}. So {answer}.")
 
 
 THINGS = ["cup of tea", "bowl of soup", "pot of water", "glass of milk", "mug of cocoa"]
@@ -415,7 +451,8 @@ def q_thermal(rng):
     hint = (f"Same mass. " + " ".join(f"{l.capitalize()} is at {t} C." for l, t in zip(labels, temps)))
     amount = ("more" if more else "less") if k == 2 else ("the most" if more else "the least")
     return Q(f"Which {thing.split()[0]} has {amount} thermal energy?", labels, answer, hint=hint, keep_order=True,
-             solution=f"With the same mass, the {'hotter' if more else 'colder'} object has {'more' if more else 'less'} thermal energy.")
+             solution=f"{ranked(temps, more)} With the same mass, the {'hotter' if more else 'colder'} object has "
+                      f"{'more' if more else 'less'} thermal energy. So {answer}.")
 
 
 def q_population(rng):
@@ -426,7 +463,7 @@ def q_population(rng):
     hint = " ".join(f"{t} has {p} people." for t, p in zip(towns, people))
     amount = ("more" if most else "fewer") if k == 2 else ("the most" if most else "the fewest")
     return Q(f"Which town has {amount} people?", towns, answer, hint=hint, keep_order=True,
-             solution=f"{answer} has {'more' if most else 'fewer'} people than the other {'town' if k == 2 else 'towns'}.")
+             solution=f"{ranked(people, most)} So {answer}.")
 
 
 TOYS, HOLDINGS = ["ball", "kite", "doll", "drum", "puzzle", "yo-yo", "train"], ["marbles", "stickers", "shells", "apples"]
@@ -440,13 +477,13 @@ def q_trade(rng):
         hint = f"At the toy shop, a {x} costs {a} coins and a {y} costs {b} coins."
         answer = f"the {x}" if (a > b) == more else f"the {y}"
         return Q(f"Which toy costs {'more' if more else 'less'}?", [f"the {x}", f"the {y}"], answer, hint=hint, keep_order=True,
-                 solution=f"Compare the prices: {a} coins and {b} coins.")
+                 solution=f"{ranked([a, b], more)} So {answer}.")
     x, y = rng.sample(NAMES, 2)
     thing = rng.choice(HOLDINGS)
     hint = f"{x} has {a} {thing} and {y} has {b}."
     answer = x if (a > b) == more else y
     return Q(f"Who has {'more' if more else 'fewer'} {thing}?", [x, y], answer, hint=hint, keep_order=True,
-             solution=f"Compare the numbers: {a} and {b}.")
+             solution=f"{ranked([a, b], more)} So {answer}.")
 
 
 def q_sentence_word(rng):
@@ -457,7 +494,7 @@ def q_sentence_word(rng):
     choices = [colour, animal, verb] + ([place_] if rng.random() < 0.5 else [])
     return Q(f"Which word in the sentence {role}?", choices, answer,
              hint=f'Read the sentence: "The {colour} {animal} {verb} to the {place_}."',
-             solution=f'In the sentence, "{answer}" {role}.')
+             solution=f'In the sentence, "{answer}" {role}. So {answer}.')
 
 
 SHAPE_FACTS = {"triangle": ["three sides", "three corners"], "square": ["four sides", "four corners", "four equal sides"],
@@ -468,7 +505,7 @@ def q_shape_fact(rng):
     shape = rng.deal("shape fact", SHAPES)
     fact = rng.choice(SHAPE_FACTS[shape])
     return Q(f"Which shape has {fact}?", pick(rng, shape, list(SHAPES), rng.randint(2, 3)), shape,
-             solution=f"A {shape} has {fact}.")
+             solution=f"A {shape} has {fact}. So {shape}.")
 
 
 MIXES = {"green": ("blue", "yellow"), "orange": ("red", "yellow"), "purple": ("red", "blue"), "pink": ("red", "white")}
@@ -478,14 +515,14 @@ def q_mixing(rng):
     result = rng.deal("mixing", list(MIXES))
     a, b = rng.sample(MIXES[result], 2)
     return Q(f"What colour do you get when you mix {a} paint and {b} paint?",
-             pick(rng, result, list(MIXES), rng.randint(2, 4)), result, solution=f"{a.capitalize()} and {b} make {result}.")
+             pick(rng, result, list(MIXES), rng.randint(2, 4)), result, solution=f"{a.capitalize()} and {b} make {result}. So {result}.")
 
 
 def q_good_service(rng):
     answer = rng.deal("good", ["a good", "a service"])
     x = rng.choice(GOODS if answer == "a good" else SERVICES)
     return Q(f"Is {x} a good or a service?", ["a good", "a service"], answer,
-             solution=f"A good is a thing you can touch; a service is a job someone does for you. {x.capitalize()} is {answer}.")
+             solution=f"A good is a thing you can touch; a service is a job someone does for you. {x.capitalize()} is {answer}. So {answer}.")
 
 
 def q_compass(rng):
@@ -496,7 +533,8 @@ def q_compass(rng):
         where = {"north": "up", "south": "down", "east": "to the right", "west": "to the left"}[want]
         question = f"On a map with north at the top, which direction points {where}?"
     return Q(question, pick(rng, want, DIRECTIONS, rng.randint(2, 4)), want,
-             solution="North is at the top of a map, south at the bottom, east on the right and west on the left.")
+             solution=f"North is at the top of a map, south at the bottom, east on the right and west on the left. "
+                      f"So {want}.")
 
 
 def q_guide_words(rng):
@@ -506,7 +544,7 @@ def q_guide_words(rng):
     answer = rng.choice(DICTIONARY[i + 1:j])
     other = rng.choice(DICTIONARY[:i] + DICTIONARY[j + 1:])
     return Q(f"Which word would you find on a dictionary page with the guide words {w1} - {w2}?", [answer, other], answer,
-             solution=f'"{answer}" comes between "{w1}" and "{w2}" in alphabetical order; "{other}" does not.')
+             solution=f'"{answer}" comes between "{w1}" and "{w2}" in alphabetical order; "{other}" does not. So {answer}.')
 
 
 def q_alphabet(rng):
@@ -514,7 +552,7 @@ def q_alphabet(rng):
     first = rng.deal("alphabet", [True, False])
     answer = min(words) if first else max(words)
     return Q(f"Which word comes {'first' if first else 'last'} in alphabetical order?", words, answer,
-             solution=f'Compare the words letter by letter: "{answer}" comes {"first" if first else "last"}.',
+             solution=f'Compare the words letter by letter: "{answer}" comes {"first" if first else "last"}. So {answer}.',
              shuffle=True)
 
 
@@ -522,14 +560,14 @@ def q_rhyme(rng):
     g, h = rng.sample(range(len(RHYMES)), 2)
     pair, odd = rng.sample(RHYMES[g], 2), rng.choice(RHYMES[h])
     return Q("Which word does not rhyme?", pair + [odd], odd,
-             solution=f'"{pair[0]}" and "{pair[1]}" rhyme; "{odd}" does not.')
+             solution=f'"{pair[0]}" and "{pair[1]}" rhyme; "{odd}" does not. So {odd}.')
 
 
 def q_word_kind(rng):
     kind, *others = rng.sample(list(WORD_KINDS), rng.randint(3, 4))
     answer = rng.choice(WORD_KINDS[kind])
     return Q(f"Which word names {kind}?", [answer] + [rng.choice(WORD_KINDS[o]) for o in others], answer,
-             solution=f'"{answer}" names {kind}.')
+             solution=f'"{answer}" names {kind}. So {answer}.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +659,7 @@ def canonical_choices(q: Q) -> list[str]:
     return sorted(q.choices, key=canonical_key)
 
 
-def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
+def order_choices(rng: Rng, q: Q, deck: str = "", shuffle: bool = False) -> list[str]:
     """Choices in the fixed natural order, except where that order would give the answer away (q.shuffle:
     which word comes first/last alphabetically): those are shuffled with balanced letters; and except
     q.keep_order (owners, towns, the things a hint gives numbers for): as the hint lists them.
@@ -629,8 +667,8 @@ def order_choices(rng: Rng, q: Q, deck: str = "") -> list[str]:
     Why fixed: reading an arbitrary option list to find the letter of an answer (a content -> letter
     lookup) is a skill a ~1M-parameter decoder does not learn in the minutes of pretraining the tiny path
     allows (measured: at chance after 600 steps of only that); with a fixed order the letter follows from
-    the answer."""
-    if q.shuffle:
+    the answer. `shuffle` shuffles every question's choices (balanced letters), as the real ScienceQA lists them."""
+    if q.shuffle or shuffle:
         return shuffle_choices(rng, q, deck)
     if q.keep_order:
         return list(q.choices)
@@ -648,7 +686,9 @@ def caption(q: Q, rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------------------
 # ScienceQA layout
 
-def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int = SCIENCEQA_SEED) -> None:
+def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int = SCIENCEQA_SEED,
+                   shuffle: bool = False) -> None:
+    """The toy ScienceQA under `out`; `shuffle` lists every question's choices shuffled (see order_choices)."""
     rng = Rng(seed)
     # pids 1..N interleave the splits, as in the real problems.json
     order = [s for s in sizes for _ in range(sizes[s])]
@@ -662,7 +702,7 @@ def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int
     for i, split in enumerate(order, start=1):
         pid, t = str(i), next(plan[split])
         q = t.make(rng)
-        choices = order_choices(rng, q, deck=split)
+        choices = order_choices(rng, q, deck=split, shuffle=shuffle)
         problems[pid] = dict(question=q.question, choices=choices, answer=choices.index(q.answer), hint=q.hint,
                              image="image.png" if q.scene else None, task=t.task,
                              grade=f"grade{rng.randint(*t.grades)}", subject=t.subject, topic=t.topic,
@@ -901,4 +941,17 @@ def main(out: Path = HERE) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    ap = argparse.ArgumentParser(description="Write the toy datasets (default: the committed ones, in tiny_data/).")
+    ap.add_argument("--scienceqa", type=Path, metavar="DIR",
+                    help="write only a toy ScienceQA into DIR (with --shuffle / --seed), not the committed files")
+    ap.add_argument("--shuffle", action="store_true", help="shuffle every question's choices, as ScienceQA does")
+    ap.add_argument("--seed", type=int, default=SCIENCEQA_SEED)
+    a = ap.parse_args()
+    if a.scienceqa:
+        shutil.rmtree(a.scienceqa, ignore_errors=True)
+        make_scienceqa(a.scienceqa, seed=a.seed, shuffle=a.shuffle)
+    elif a.shuffle or a.seed != SCIENCEQA_SEED:
+        ap.error("--shuffle and --seed write another set: give its directory with --scienceqa DIR")
+    else:
+        main()
