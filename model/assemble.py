@@ -130,7 +130,7 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
     """(examples, VLDataset) of one split, every image checked and every item's length checked up front."""
     root = resolve(data or cfg.train.data)
     if cfg.train.task == "scienceqa":
-        examples = read_scienceqa(root, split, captions=cfg.train.captions)
+        examples = read_scienceqa(root, split, cfg.train.captions, cfg.train.prompt_format, log)
     else:
         examples = read_coco(root, split)
     examples = examples[:limit] if limit else examples

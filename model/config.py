@@ -123,6 +123,9 @@ class LSRMConfig:
             raise ValueError(f"lsrm.decay must be in (0, 1], got {self.decay}")
 
 
+PROMPT_FORMATS = ("QCM-A", "QCM-EA", "QCM-LEA")    # question, context, options -> (lecture, solution,) answer
+
+
 @dataclass
 class TrainConfig:
     """The fine-tuning recipe (method.md §7) and where the data and backbones come from."""
@@ -146,6 +149,10 @@ class TrainConfig:
     ckpt_every: int = 0              # also checkpoint every N steps (0: at the end of each epoch only)
     eval_split: str = "test"
     eval_batch: int = 64
+    # ScienceQA's output formats (the names of its own code): QCM-A answers at once (the paper's); QCM-EA
+    # writes the solution first, QCM-LEA the lecture and the solution, each ending "The answer is X."
+    prompt_format: str = "QCM-A"
+    gen_tokens: int = 0              # QCM-EA/LEA evaluation: new tokens at most (0: longest target + 16)
     # backbones: empty means the tiny preset's own pretrained ones (pretrain.py); else checkpoint paths
     pretrained: bool = True          # tiny only: False keeps random frozen backbones (smoke tests)
     vit_weights: str = ""
@@ -164,6 +171,10 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.micro_batch and train.epochs must be >= 1")
         if self.limit < 0:
             raise ValueError(f"train.limit must be >= 0 (0: all items), got {self.limit}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"train.prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+        if self.gen_tokens < 0:
+            raise ValueError(f"train.gen_tokens must be >= 0 (0: the longest target + 16), got {self.gen_tokens}")
 
 
 @dataclass

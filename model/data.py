@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .config import PROMPT_FORMATS       # QCM-A, QCM-EA, QCM-LEA
 from .metrics import SUBJECTS            # the three ScienceQA subjects, and their Table-1 columns
 
 
@@ -60,15 +61,31 @@ def scienceqa_prompt(question: str, choices: list[str], context: str = "") -> st
     return f"Question: {question}\nContext: {context or 'N/A'}\nOptions: {options}\nResponse:"
 
 
-def scienceqa_target(answer: int) -> str:
+def scienceqa_target(answer: int, prompt_format: str = "QCM-A", lecture: str = "", solution: str = "") -> str:
+    """What the model learns to write after the prompt, as ScienceQA's create_training_example writes it:
+        QCM-A    " The answer is X."
+        QCM-EA   " {solution} The answer is X."
+        QCM-LEA  " {lecture} {solution} The answer is X."
+    lecture and solution are stripped and an empty one is left out (so no double spaces)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     # The released code joins prompt and answer with no space ("Response:The answer is A."); we keep
-    # the space a reader (and a tokenizer's word boundaries) expects. Evaluation decodes after
+    # the space a reader (and a tokenizer's word boundaries) expects. QCM-A's evaluation decodes after
     # "...Response: The answer is" and reads the first capital letter (method.md §8).
-    return f" The answer is {string.ascii_uppercase[answer]}."
+    # ScienceQA's code writes each newline of a lecture or solution as a literal backslash-n (for GPT-3's
+    # prompts); we keep the text's own newlines.
+    parts = {"QCM-A": [], "QCM-EA": [solution], "QCM-LEA": [lecture, solution]}[prompt_format]
+    before = "".join(f" {p.strip()}" for p in parts if p.strip())
+    return f"{before} The answer is {string.ascii_uppercase[answer]}."
 
 
-def read_scienceqa(root: str | Path, split: str, captions: bool = False) -> list[Example]:
+def read_scienceqa(root: str | Path, split: str, captions: bool = False, prompt_format: str = "QCM-A",
+                   log=print) -> list[Example]:
     """problems.json + pid_splits.json (+ captions.json) -> the split's Examples, all checked first.
+
+    prompt_format sets the targets (`scienceqa_target`). An item without the text its format puts before
+    the answer (QCM-EA: no solution; QCM-LEA: neither lecture nor solution) is trained on the answer alone,
+    and those items are counted in one note.
 
     captions=True appends each image's caption to the context. The released code does this at
     evaluation only (so the model meets captions it never trained with); here it is on for every
@@ -93,7 +110,7 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False) -> list
 
     if not isinstance(splits[split], list):
         raise DataError(f"{splits_file}: split {split!r} is a {type(splits[split]).__name__}, not a list of pids")
-    examples = []
+    examples, answer_alone = [], 0
     for pid in splits[split]:
         pid = str(pid)
         if pid not in problems:
@@ -108,14 +125,22 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False) -> list
         context = p["hint"].strip()
         if captions and image is not None:
             context = f"{context} {caption_of.get(pid, '')}".strip()
+        lecture, solution = (p.get("lecture") or "").strip(), (p.get("solution") or "").strip()
+        target = scienceqa_target(p["answer"], prompt_format, lecture, solution)
+        answer_alone += prompt_format != "QCM-A" and target == scienceqa_target(p["answer"])
         examples.append(Example(
             id=pid, prompt=scienceqa_prompt(p["question"], p["choices"], context),
-            target=scienceqa_target(p["answer"]), image=image,
+            target=target, image=image,
             info=dict(subject=p["subject"], grade=p["grade"], has_hint=bool(p["hint"].strip()),
                       has_image=image is not None, answer=p["answer"], choices=list(p["choices"]),
                       question=p["question"], hint=p["hint"].strip(), type=p.get("category") or "(none)",
+                      lecture=lecture, solution=solution,
                       # the picture in words, for the oracle bound: the toy data has it, ScienceQA does not
                       description=p.get("description") if isinstance(p.get("description"), str) else None)))
+    if answer_alone:
+        missing = "solution" if prompt_format == "QCM-EA" else "lecture or solution"
+        log(f"note: {answer_alone} of {len(examples)} items of {problems_file} (split {split!r}) have no {missing}: "
+            f"their target is the answer alone")
     return examples
 
 
@@ -145,6 +170,9 @@ def _check_problem(p, pid: str, file: Path) -> dict:
         raise DataError(f"{where} has grade {grade!r}; expected 'grade1'..'grade12'")
     if p["image"] is not None and not isinstance(p["image"], str):
         raise DataError(f"{where} has image {p['image']!r}; expected a file name or null")
+    for key in ("lecture", "solution"):                 # optional: absent or null is no text
+        if p.get(key) is not None and not isinstance(p[key], str):
+            raise DataError(f"{where} has {key} {p[key]!r}; expected a string or null")
     return p
 
 

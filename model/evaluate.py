@@ -1,8 +1,11 @@
 """Greedy generation with the KV cache, and evaluation on ScienceQA (accuracy table) and COCO (BLEU/CIDEr).
 
 ScienceQA (method.md §8): the model reads the prompt followed by " The answer is" and decodes greedily;
-the first capital letter of the continuation is the answer. Prompts are batched by exact token length,
-so no padding enters attention and each batch decodes with one shared position counter.
+the first capital letter of the continuation is the answer. In the formats that write a lecture or solution
+first (train.prompt_format QCM-EA, QCM-LEA), the model continues the prompt itself, each row until EOS, its
+answer sentence ("The answer is X.") or the token budget (train.gen_tokens); the letter is read from its
+"The answer is X", and its solution (the text before) is compared with the gold one. Prompts are batched by
+exact token length, so no padding enters attention and each batch decodes with one shared position counter.
 
 Bounds (`scienceqa_bounds`): what the visual memory adds is read against the same frozen decoder alone
 (no memory branch, as before any fine-tuning), given the same prompt without the picture (*blind*) and
@@ -20,8 +23,9 @@ import torch
 
 from .assemble import make_dataset
 from .data import Example, VLDataset, scienceqa_prompt
-from .metrics import (MIN_GAP, bounds_table, caption_metrics, format_table, gap_closed, parse_answer,
-                      scienceqa_metrics, type_metrics)
+from .metrics import (MIN_GAP, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
+                      generation_metrics, generation_table, parse_answer, parse_generated, scienceqa_metrics,
+                      solution_text, type_metrics)
 from .vlm import LSRM
 
 ANSWER_PREFIX = " The answer is"
@@ -29,9 +33,11 @@ ANSWER_PREFIX = " The answer is"
 
 @torch.no_grad()
 def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens: int, eos_id: int,
-             on_token: Optional[Callable[[torch.Tensor], None]] = None) -> list[list[int]]:
+             on_token: Optional[Callable[[torch.Tensor], None]] = None,
+             stop: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
     """Greedy decoding. tokens (B, T): prompts of equal length; z (B, N, D) their visual memory, or None for
-    the frozen decoder alone (no memory branch)."""
+    the frozen decoder alone (no memory branch). A row ends at EOS, or once `stop` (given the row's new tokens
+    so far) says so; the batch ends when every row has, or after max_new_tokens."""
     B, T = tokens.shape
 
     def step(toks: torch.Tensor, pos: int) -> torch.Tensor:
@@ -49,6 +55,9 @@ def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens:
         if on_token is not None:
             on_token(nxt)
         done |= nxt == eos_id
+        if stop is not None:
+            for b in (~done).nonzero().flatten().tolist():
+                done[b] = stop(out[b].tolist())
         if done.all() or T + i + 1 >= model.cfg.llama.max_seq_len:
             break
         logits = step(nxt[:, None], T + i)
@@ -86,9 +95,10 @@ def _by_length(prompts: list[list[int]], batch: int):
 @torch.no_grad()
 def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens: int, batch: int,
                    device: torch.device, log: Optional[Callable[[str], None]] = None,
-                   decoder_only: bool = False) -> list[str]:
+                   decoder_only: bool = False, stop_text: Optional[Callable[[str], bool]] = None) -> list[str]:
     """Greedy continuations of every item's prompt (+ prefix), in dataset order (decoder_only: the frozen
-    decoder alone, no visual memory)."""
+    decoder alone, no visual memory; stop_text: a row ends once its text so far satisfies it)."""
+    stop = None if stop_text is None else (lambda ids: stop_text(tokenizer.decode(ids)))
     model.eval()
     extra = tokenizer.encode(prefix) if prefix else []
     items = [dataset[i] for i in range(len(dataset))]
@@ -100,7 +110,7 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
         has_image = torch.tensor([items[i]["has_image"] for i in idx], device=device, dtype=torch.float32)
         images = torch.stack([items[i]["image"] for i in idx]).to(device) if has_image.any() else None
         z = None if decoder_only else model.visual_memory(len(idx), images, has_image)
-        for i, ids in zip(idx, generate(model, tokens, z, max_new_tokens, tokenizer.eos_id)):
+        for i, ids in zip(idx, generate(model, tokens, z, max_new_tokens, tokenizer.eos_id, stop=stop)):
             outputs[i] = tokenizer.decode(ids)
         done += len(idx)
         if log is not None and (done == len(items) or time.time() - last_log > 5):
@@ -109,28 +119,50 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
     return outputs
 
 
+def generation_budget(examples: list[Example], tokenizer, gen_tokens: int, max_seq_len: int) -> int:
+    """New tokens at most when the model writes text before its answer: gen_tokens, or (0) the longest target
+    among `examples` plus 16, within the decoder's max_seq_len."""
+    return gen_tokens or min(max(len(tokenizer.encode(ex.target)) for ex in examples) + 16, max_seq_len)
+
+
 def evaluate_scienceqa(model, dataset, examples, tokenizer, device, batch: int = 64, log=None,
-                       decoder_only: bool = False) -> tuple[dict, list[dict]]:
-    outputs = run_generation(model, dataset, tokenizer, ANSWER_PREFIX, 4, batch, device, log, decoder_only)
+                       decoder_only: bool = False, prompt_format: str = "QCM-A",
+                       gen_tokens: int = 0) -> tuple[dict, list[dict]]:
+    """(Table-1 metrics, one record per item). QCM-A: one letter read after " The answer is"; the formats that
+    write text first: generation from the prompt (at most `generation_budget` new tokens), the letter read
+    from "The answer is X", each record with its generated and gold solution."""
+    if prompt_format == "QCM-A":
+        outputs = run_generation(model, dataset, tokenizer, ANSWER_PREFIX, 4, batch, device, log, decoder_only)
+        parse = parse_answer
+    else:
+        budget = generation_budget(examples, tokenizer, gen_tokens, model.cfg.llama.max_seq_len)
+        outputs = run_generation(model, dataset, tokenizer, "", budget, batch, device, log, decoder_only,
+                                 stop_text=answer_complete)
+        parse = parse_generated
     records = []
     for ex, text in zip(examples, outputs):
-        pred = parse_answer(text, len(ex.info["choices"]))
-        records.append({"id": ex.id, "output": text, "pred": pred, "answer": ex.info["answer"],
-                        "correct": pred == ex.info["answer"], "subject": ex.info["subject"],
-                        "grade": ex.info["grade"], "has_hint": ex.info["has_hint"],
-                        "has_image": ex.info["has_image"], "type": ex.info.get("type", "(none)"),
-                        "n_choices": len(ex.info["choices"])})
+        pred = parse(text, len(ex.info["choices"]))
+        record = {"id": ex.id, "output": text, "pred": pred, "answer": ex.info["answer"],
+                  "correct": pred == ex.info["answer"], "unparsed": pred is None, "subject": ex.info["subject"],
+                  "grade": ex.info["grade"], "has_hint": ex.info["has_hint"],
+                  "has_image": ex.info["has_image"], "type": ex.info.get("type", "(none)"),
+                  "n_choices": len(ex.info["choices"])}
+        if prompt_format != "QCM-A":          # kept per item: later metrics read the solution's sentences
+            solution, gold = solution_text(text), solution_text(ex.target)
+            record.update(solution=solution, gold_solution=gold, solution_match=solution == gold if gold else None)
+        records.append(record)
     return scienceqa_metrics(records), records
 
 
 def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[list[Example]], object], tokenizer,
-                     device, batch: int = 64) -> dict:
+                     device, batch: int = 64, prompt_format: str = "QCM-A", gen_tokens: int = 0) -> dict:
     """The frozen decoder alone on the same items: *blind* (the same prompt, no picture) and *oracle* (the
-    hint and the picture in words as the context). {"blind": (metrics, records), "oracle": (..) or None,
-    "why_no_oracle": str or None}. The oracle needs every picture item to carry a description."""
+    hint and the picture in words as the context), in the same format, generated and read the same way.
+    {"blind": (metrics, records), "oracle": (..) or None, "why_no_oracle": str or None}. The oracle needs
+    every picture item to carry a description."""
     text_only = [Example(ex.id, ex.prompt, ex.target, None, ex.info) for ex in examples]    # no image to load
-    blind = evaluate_scienceqa(model, make_dataset(text_only), text_only, tokenizer, device, batch,
-                               decoder_only=True)
+    same = dict(decoder_only=True, prompt_format=prompt_format, gen_tokens=gen_tokens)
+    blind = evaluate_scienceqa(model, make_dataset(text_only), text_only, tokenizer, device, batch, **same)
     pictures = [ex for ex in examples if ex.info["has_image"]]
     if not pictures or any(ex.info.get("description") is None for ex in pictures):
         return {"blind": blind, "oracle": None,
@@ -140,8 +172,7 @@ def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[lis
                                                  " ".join(filter(None, [ex.info["hint"], ex.info["description"]]))),
                          ex.target, None, ex.info) if ex.info["has_image"] else
                  Example(ex.id, ex.prompt, ex.target, None, ex.info) for ex in examples]
-    oracle = evaluate_scienceqa(model, make_dataset(described), described, tokenizer, device, batch,
-                                decoder_only=True)
+    oracle = evaluate_scienceqa(model, make_dataset(described), described, tokenizer, device, batch, **same)
     return {"blind": blind, "oracle": oracle, "why_no_oracle": None}
 
 
@@ -159,14 +190,19 @@ def evaluate_coco(model, dataset, examples, tokenizer, device, batch: int = 64, 
 
 def evaluate(cfg, model: LSRM, tokenizer, split: str, device, data: str | None = None, log=print, loaded=None,
              bounds: bool = True) -> dict:
-    """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type") and, with `bounds`,
-    the frozen decoder alone without the picture ("blind") and with it in words ("oracle")."""
+    """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type"), answers not read
+    and solutions written ("generation") and, with `bounds`, the frozen decoder alone without the picture
+    ("blind") and with it in words ("oracle")."""
     examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data, log=log)
-    fn = evaluate_scienceqa if cfg.train.task == "scienceqa" else evaluate_coco
-    metrics, records = fn(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, log=log)
-    result = {"split": split, "n": len(examples), "metrics": metrics, "records": records}
     if cfg.train.task != "scienceqa":
-        return result
+        metrics, records = evaluate_coco(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, log=log)
+        return {"split": split, "n": len(examples), "metrics": metrics, "records": records}
+    fmt = cfg.train.prompt_format          # QCM-A reads 4 tokens; the others generate up to a budget
+    budget = 0 if fmt == "QCM-A" else generation_budget(examples, tokenizer, cfg.train.gen_tokens, cfg.llama.max_seq_len)
+    metrics, records = evaluate_scienceqa(model, dataset, examples, tokenizer, device, cfg.train.eval_batch,
+                                          log=log, prompt_format=fmt, gen_tokens=budget)
+    result = {"split": split, "n": len(examples), "metrics": metrics, "records": records,
+              "generation": {"format": fmt, "gen_tokens": budget or None, "LSRM": generation_metrics(records)}}
     by_type = result["by_type"] = type_metrics(records)
     pictures = [r for r in records if r["has_image"]]
     img = {"acc": metrics["IMG"], "n": len(pictures), "image": True,
@@ -174,8 +210,11 @@ def evaluate(cfg, model: LSRM, tokenizer, split: str, device, data: str | None =
     result["summary"] = {"IMG": img}
     if bounds:
         b = scienceqa_bounds(model, examples, lambda exs: VLDataset(exs, tokenizer, cfg.vit.image_size,
-                             cfg.train.preprocess, cfg.train.max_len), tokenizer, device, cfg.train.eval_batch)
+                             cfg.train.preprocess, cfg.train.max_len), tokenizer, device, cfg.train.eval_batch,
+                             fmt, budget)
         blind, oracle = b["blind"], b["oracle"]
+        result["generation"].update(blind=generation_metrics(blind[1]),
+                                    oracle=generation_metrics(oracle[1]) if oracle else None)
         result["bounds"] = {"blind": blind[0], "oracle": oracle[0] if oracle else None}
         result["why_no_oracle"] = b["why_no_oracle"]
         blind_t, oracle_t = type_metrics(blind[1]), type_metrics(oracle[1]) if oracle else {}
@@ -197,6 +236,15 @@ def report(cfg, result: dict) -> str:
     out += "\n\n" + bounds_table(result["by_type"], result["summary"]) + (f"\n{note}" if note else "")
     if result.get("why_no_oracle"):
         out += f"\n{result['why_no_oracle']}"
+    gen = result["generation"]
+    if gen["format"] != "QCM-A":             # QCM-A's report stays as it was: one letter, no solution
+        for name in ("LSRM", "blind", "oracle"):
+            if gen.get(name):
+                out += (f"\n\n{name}: {gen['format']}, written from the prompt (at most {gen['gen_tokens']} new tokens)\n"
+                        + generation_table(gen[name]))
+        out += ("\nunparsed: no \"The answer is X\" with X an option (counted wrong); with sol.: items with a gold "
+                "solution; sol. =: share of those whose generated solution (the text before \"The answer is\", "
+                "whitespace collapsed) is the gold one; acc | = / acc | ≠: accuracy where it is / is not")
     return out
 
 

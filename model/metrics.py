@@ -1,7 +1,9 @@
 """Evaluation metrics: ScienceQA accuracy by category (method.md §8) and COCO-caption BLEU / CIDEr-D (§9).
 
 ScienceQA: the model greedily continues "...Response: The answer is"; `parse_answer` reads the letter,
-`scienceqa_metrics` scores it in the paper's Table-1 columns NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg.
+`scienceqa_metrics` scores it in the paper's Table-1 columns NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg. In the
+formats that write a lecture or solution first, the model continues "...Response:" itself, `parse_generated`
+reads the letter of its "The answer is X", and `generation_metrics` compares its solution with the gold one.
 
 Captions: `bleu` and `cider_d` reproduce pycocoevalcap's `Bleu(4)` and `Cider()` (the numbers every
 captioning paper reports) on whitespace-tokenised strings; tests/test_metrics.py checks the agreement.
@@ -38,6 +40,35 @@ def parse_answer(text: str, n_choices: int) -> int | None:
         return None
     i = ord(m.group()) - ord("A")
     return i if i < n_choices else None
+
+
+# "The answer is X", X a capital letter, in parentheses or not, and not the start of a word ("Blue")
+ANSWER_SENTENCE = re.compile(r"The answer is \(?([A-Z])\b\)?")
+
+
+def parse_generated(text: str, n_choices: int) -> int | None:
+    """The option index named by the first "The answer is X" of a text the model wrote from the prompt
+    (formats that put a lecture or solution first). None, scored as wrong, when there is no such sentence or
+    X is past the last option:
+        "Both are red. The answer is B." -> 1    "The answer is (B)" -> 1    "B." -> None
+        "The answer is D." (3 choices) -> None  "The answer is A. The answer is B." -> 0
+    """
+    m = ANSWER_SENTENCE.search(text)
+    if m is None:
+        return None
+    i = ord(m.group(1)) - ord("A")
+    return i if i < n_choices else None
+
+
+def answer_complete(text: str) -> bool:
+    """The stop rule of generation: the text holds a whole answer sentence, "The answer is X" and its "."."""
+    return re.search(ANSWER_SENTENCE.pattern + r"\.", text) is not None
+
+
+def solution_text(text: str) -> str:
+    """The text before the first "The answer is" (all of it without one), whitespace collapsed: the generated
+    solution of an output, the gold one of a target."""
+    return " ".join(text.split("The answer is", 1)[0].split())
 
 
 def _field(record, key):
@@ -110,6 +141,43 @@ def type_metrics(records) -> dict[str, dict]:
         t["image"] |= bool(_field(r, "has_image"))
     return {k: {"acc": 100.0 * t["right"] / t["n"], "n": t["n"], "chance": 100.0 * t["chance"] / t["n"],
                 "image": t["image"]} for k, t in out.items()}
+
+
+def generation_metrics(records) -> dict:
+    """Answers read and solutions written, overall ("all") and per question type ("by_type"):
+    {"n", "unparsed" (items with no answer read), "with_solution" (items with a gold solution), "solution_match"
+    (% of those whose generated solution equals the gold one), "acc_match" / "acc_mismatch" (accuracy % on
+    those that do / do not), "image"}; None where no item qualifies. A record's "solution_match" is None
+    (or absent) when the item has no gold solution."""
+    def summary(rs):
+        scored = [r for r in rs if r.get("solution_match") is not None]
+        match = [r for r in scored if r["solution_match"]]
+        miss = [r for r in scored if not r["solution_match"]]
+        pct = lambda part, whole: 100.0 * len(part) / len(whole) if whole else None
+        return {"n": len(rs), "unparsed": sum(bool(r["unparsed"]) for r in rs), "with_solution": len(scored),
+                "solution_match": pct(match, scored), "acc_match": pct([r for r in match if r["correct"]], match),
+                "acc_mismatch": pct([r for r in miss if r["correct"]], miss),
+                "image": any(r["has_image"] for r in rs)}
+
+    by_type: dict[str, list] = {}
+    for r in records:
+        by_type.setdefault(r["type"], []).append(r)
+    return {"all": summary(list(records)), "by_type": {k: summary(rs) for k, rs in by_type.items()}}
+
+
+def generation_table(metrics: dict) -> str:
+    """`generation_metrics` as a fixed-width table, picture types first, then text types, then all items."""
+    width = max([len(t) for t in metrics["by_type"]] + [28])
+    head = (f"{'question type':{width}} {'n':>5} {'unparsed':>9} {'with sol.':>10} {'sol. =':>7} "
+            f"{'acc | =':>8} {'acc | ≠':>8}")
+
+    def row(name, m):
+        return (f"{name:{width}} {m['n']:>5} {m['unparsed']:>9} {m['with_solution']:>10} "
+                f"{_cell(m['solution_match']):>7} {_cell(m['acc_match']):>8} {_cell(m['acc_mismatch']):>8}")
+
+    by_type = metrics["by_type"]
+    order = sorted(by_type, key=lambda k: (not by_type[k]["image"], k))
+    return "\n".join([head] + [row(k, by_type[k]) for k in order] + [row("all", metrics["all"])])
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
