@@ -135,7 +135,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_save(obj, path: Path) -> None:
     buf = io.BytesIO()
-    torch.save(obj, buf)                   # serialised first: a full disk is then an OSError, not torch's "unexpected pos"
+    torch.save(obj, buf)                   # first: a full disk is then an OSError, not torch's "unexpected pos"
     write_atomically(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
 
 

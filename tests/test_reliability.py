@@ -393,7 +393,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
     monkeypatch.setattr(T, "answer_loss_sum", nan_at_step_3)
     with pytest.raises(Diverged) as e:
         train(cfg, fresh(cfg), ds, col, tmp_path, log=lambda s: None)
-    assert str(e.value) == f"step 3: the loss is nan: training stopped; the last checkpoint, {tmp_path / 'checkpoint.pt'} (step 2), is intact"
+    assert str(e.value) == (f"step 3: the loss is nan: training stopped; the last checkpoint, "
+                            f"{tmp_path / 'checkpoint.pt'} (step 2), is intact")
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2 and steps(tmp_path) == [1, 2]
 
 
@@ -421,7 +422,8 @@ def test_eval_refuses_a_checkpoint_with_non_finite_adapters(run_dir, tmp_path, c
 # A checkpoint used against another config: refused before anything is built
 
 @pytest.mark.parametrize("command", ["eval", "generate", "visualize"])
-@pytest.mark.parametrize("override", ["train.pretrained=true", "lsrm.taps=0,1", "llama.dim=256", "lsrm.feature_scale=1"])
+@pytest.mark.parametrize("override", ["train.pretrained=true", "lsrm.taps=0,1", "llama.dim=256",
+                                      "lsrm.feature_scale=1"])
 def test_eval_time_overrides_of_what_the_adapters_were_trained_against_are_refused(command, override, run_dir,
                                                                                    monkeypatch, capsys):
     def never(*a, **k):
