@@ -65,11 +65,14 @@ def hold_run_dir(out: Path, log=print):
     """One run per directory: OUT/lock names the process writing there while it runs (an flock, which the
     kernel drops when the process dies, however it dies). A second run into OUT is refused in one line; a
     lock left by a run that is gone is taken over with a note. Under torchrun only rank 0 holds it."""
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    made, locked = not out.exists(), True
     path = out / "lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -77,12 +80,16 @@ def hold_run_dir(out: Path, log=print):
             os.close(fd)
             raise UserError(f"{out} is in use by another run ({holder}): wait for it to end, "
                             f"or choose another --out") from None
+        except OSError as e:               # a filesystem without locks (some network mounts): unguarded, said once
+            log(f"note: {path} cannot be locked here ({e.strerror}): a second run into {out} would not be refused")
+            locked = False
+            break
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break                 # still the file at `path`, not one its last holder removed as we opened it
         os.close(fd)
     gone = os.read(fd, 200).decode(errors="replace").strip()
-    if gone:
+    if gone and locked:
         log(f"note: {path}: taking over the lock of a run that is gone ({gone})")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

@@ -189,6 +189,17 @@ def test_a_second_run_into_a_held_directory_is_refused(tmp_path, capsys):
     assert list(out.iterdir()) == []
 
 
+def test_a_filesystem_without_locks_runs_unguarded_with_a_note(tmp_path, monkeypatch):
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr("model.rundir.fcntl.flock", no_locks)
+    notes = []
+    with hold_run_dir(tmp_path / "run", notes.append):
+        assert (tmp_path / "run" / "lock").is_file()
+    assert notes == [f"note: {tmp_path / 'run' / 'lock'} cannot be locked here (No locks available): a second run "
+                     f"into {tmp_path / 'run'} would not be refused"]
+
+
 def test_two_train_commands_into_one_directory(tmp_path, capsys):
     """Run A holds its directory: run B is refused in one line; A killed (-9), its stale lock is taken over."""
     out = tmp_path / "run"
@@ -200,6 +211,7 @@ def test_two_train_commands_into_one_directory(tmp_path, capsys):
         while not (line := a.stdout.readline()).startswith("step"):          # A is training
             assert line, a.stderr.read()[-2000:]
         while not (out / "checkpoint.pt").exists():                          # and has a checkpoint
+            assert a.poll() is None, a.stderr.read()[-2000:]
             time.sleep(0.05)
         code, out_b, err = main(capsys, "train", "--out", out, *QUICK, "--overwrite")
         assert code == 2 and one_line(err, f"{out} is in use by another run (pid {a.pid} on ") and out_b == ""
