@@ -16,6 +16,7 @@ an unknown key is an error that lists the valid ones. Multi-process: `torchrun -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -25,10 +26,12 @@ from pathlib import Path
 import torch
 
 from model import config as C
-from model.assemble import (UserError, load_config, make_dataset, make_tokenizer, model_from_checkpoint,
-                            model_from_config, resolve)
+from model.assemble import (UserError, data_fingerprint, load_config, make_dataset, make_tokenizer,
+                            model_from_checkpoint, model_from_config, resolve)
 from model.data import collate, load_image
 from model.evaluate import TextStream, evaluate, generate, report, save
+from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
+from model.tokenizer import MissingPackage
 from model.train import default_device, distributed, fmt_time, train
 from model.vlm import build, param_groups
 
@@ -37,24 +40,19 @@ class Interrupted(Exception):
     """Ctrl-C: one line saying what was kept; exit status 130 (128 + SIGINT), as shells expect."""
 
 
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Before any work: --out must be a directory we may write a run into."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: a file, not a directory")
-    has_run = (out / "checkpoint.pt").exists()
-    if resume and not has_run:
-        raise UserError(f"--resume: {out} holds no checkpoint.pt to continue")
-    if has_run and not resume and not overwrite:
-        raise UserError(f"{out} already holds a run (checkpoint.pt): continue it with --resume, choose another "
-                        f"--out, or replace it with --overwrite")
+def check_image_arg(image: str | None) -> None:
+    if image and not Path(image).is_file():
+        raise UserError(f"--image {image}: " + ("a directory, not an image file" if Path(image).is_dir() else
+                                               "no such file"))
 
 
-def check_out_file(out: Path) -> None:
-    """Before any work: a file --out must be writable where it is named."""
-    if out.is_dir():
-        raise UserError(f"--out {out}: a directory; give a file name (e.g. {out / 'metrics.json'})")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: the directory {out.parent} does not exist")
+def save_results(result: dict, path: Path, records: Path | None = None, ckpt: Path | None = None) -> None:
+    """A full disk at the very end: one line (the results were printed above)."""
+    try:
+        save(result, path, records)
+    except OSError as e:
+        again = f"; the checkpoint is intact: python lsrm.py eval --ckpt {ckpt} --out FILE" if ckpt else ""
+        raise UserError(f"{e.filename or path}: cannot be written ({e.strerror}){again}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +67,15 @@ def cmd_train(args) -> None:
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1 (optimizer steps before stopping), got {args.stop_after}")
     check_run_dir(out, args.resume, args.overwrite)
+    data = data_fingerprint(cfg)
+    if args.resume:
+        check_resumable(out, cfg, data)
+    with hold_run_dir(out, log) if rank == 0 else contextlib.nullcontext():     # the other ranks share it
+        train_in(out, args, cfg, data, rank, world, log, device)
+
+
+def train_in(out: Path, args, cfg: C.Config, data: dict, rank: int, world: int, log, device) -> None:
+    """`train`, once its run directory is held: data, model, the loop, the evaluation."""
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     tokenizer = make_tokenizer(cfg)
@@ -80,7 +87,7 @@ def cmd_train(args) -> None:
     groups = param_groups(model)
     log(f"trainable parameters: {sum(g['trainable'] for g in groups.values()):,}")
     summary = train(cfg, model, dataset, lambda items: collate(items, tokenizer.pad_id), out,
-                    resume=args.resume, stop_after=args.stop_after, log=log, device=device)
+                    resume=args.resume, stop_after=args.stop_after, log=log, device=device, data=data)
     if summary["interrupted"]:
         raise Interrupted(f"interrupted at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
                           f"continue with the same command and --resume")
@@ -93,8 +100,8 @@ def cmd_train(args) -> None:
     result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
                       bounds=not args.no_bounds)
     result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
-    save(result, out / "metrics.json", out / "predictions.jsonl")
     print(report(cfg, result))
+    save_results(result, out / "metrics.json", out / "predictions.jsonl", ckpt=out / "checkpoint.pt")
     print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
 
 
@@ -107,12 +114,13 @@ def cmd_eval(args) -> None:
                       bounds=not args.no_bounds)
     print(report(cfg, result))
     if args.out:
-        save(result, Path(args.out))
+        save_results(result, Path(args.out))
 
 
 def cmd_generate(args) -> None:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_image_arg(args.image)
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
     prompt = args.prompt.replace("\\n", "\n")
@@ -144,6 +152,11 @@ def cmd_ablate(args) -> None:
 def cmd_visualize(args) -> None:
     """Figures 3 and 5 of the paper for one image: M over the patches per text token; Λ and projector maps."""
     from tools.visualize import visualize
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory (the PNGs are written into it)")
+    check_writable(out, f"--out {out}")
+    check_image_arg(args.image)
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
     examples = None if args.image else make_dataset(cfg, "test", tokenizer)[0]
@@ -287,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (UserError, ValueError) as e:     # DataError, CheckpointError, WeightsError are ValueErrors
+    except (UserError, ValueError, MissingPackage) as e:     # DataError, CheckpointError, WeightsError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

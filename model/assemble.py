@@ -12,15 +12,17 @@ backbones (tiny_data/pretrain.py; pretrained once into runs/cache when they do n
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from . import config as C
-from .data import VLDataset, check_images, read_coco, read_scienceqa
-from .tokenizer import ByteTokenizer
-from .train import backbone_fingerprint, load_adapters, load_checkpoint
+from .data import DataError, VLDataset, check_images, read_coco, read_scienceqa
+from .tokenizer import ByteTokenizer, MissingPackage
+from .train import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
 from .vlm import LSRM, build, cast_frozen
 from .weights import load_own
 
@@ -62,6 +64,8 @@ def make_tokenizer(cfg: C.Config):
     path = resolve(cfg.train.tokenizer)
     try:
         tok = load_tokenizer(path)
+    except MissingPackage as e:
+        raise UserError(f"{path}: {e}") from None
     except (OSError, RuntimeError, UnicodeDecodeError) as e:      # a damaged file, in any tokenizer library
         raise UserError(f"{path}: not a readable tokenizer ({type(e).__name__})") from None
     if tok.vocab_size > cfg.llama.vocab_size:
@@ -109,21 +113,64 @@ def model_from_config(cfg: C.Config, device: torch.device, log=print) -> LSRM:
     return cast_frozen(model, dtype).to(device)
 
 
+# What an eval-time --set may change: where the files are, which data and how much of it, batch sizes and
+# precision, and what only training reads (the recipe). Not what the adapters were trained against: the
+# backbones' shape and source, the memory's shape and scales, the form of the inputs.
+EVAL_FREE = ("name", "train.", "vit.adapter_dropout", "llama.max_seq_len", "lsrm.dropout", "lsrm.shift_epoch")
+EVAL_FIXED = ("train.task", "train.pretrained", "train.preprocess", "train.captions")
+
+
+def fixed_at_eval(key: str) -> bool:
+    return key in EVAL_FIXED or not any(key == k or (k.endswith(".") and key.startswith(k)) for k in EVAL_FREE)
+
+
 def model_from_checkpoint(path: str, device, overrides=None, log=print):
-    """(config, model in eval mode with the checkpoint's adapters and M switch, tokenizer, checkpoint)."""
+    """(config, model in eval mode with the checkpoint's adapters and M switch, tokenizer, checkpoint).
+    The request is checked against the checkpoint's config before anything is built."""
+    if Path(path).is_dir():
+        raise UserError(f"--ckpt {path}: a directory; did you mean {Path(path) / 'checkpoint.pt'}?")
     ckpt = load_checkpoint(Path(path))
     try:
-        cfg = C.apply_overrides(C.Config.from_dict(ckpt["config"]), overrides or [])
+        trained = C.Config.from_dict(ckpt["config"])
+        cfg = C.apply_overrides(trained, overrides or [])
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: {e}") from None
+    then, now = trained.to_dict(), cfg.to_dict()
+    fixed = [k for k in config_diff(then, now) if fixed_at_eval(k)]
+    if fixed:
+        k = fixed[0]
+        old, new = then, now
+        for part in k.split("."):
+            old, new = old[part], new[part]
+        raise UserError(f"{path}: --set {k}={new} is a different config from the one its adapters were trained "
+                        f"with ({k}={old})")
     tokenizer = make_tokenizer(cfg)
     model = model_from_config(cfg, device, log)
     load_adapters(model, ckpt, Path(path))
     model.inherit(ckpt["inheritable_used"])          # M applied as it was at the end of training
     fp = backbone_fingerprint(model)
     if any(abs(a - b) > 1e-4 * max(1.0, abs(b)) for a, b in zip(fp, ckpt.get("backbone", fp))):
-        log(f"warning: {path} was trained on different frozen backbones than the ones loaded now")
+        # on stderr, whatever `log` is: generate and visualize keep their stdout for their output
+        print(f"warning: {path} was trained on different frozen backbones than the ones loaded now", file=sys.stderr)
     return cfg, model.eval(), tokenizer, ckpt
+
+
+def data_fingerprint(cfg: C.Config) -> dict:
+    """sha256 of the training data's index files (names and bytes; not where they are), for a checkpoint to
+    record and --resume to check. The images are not hashed (100k+ files at full scale): these files list them."""
+    root = resolve(cfg.train.data)
+    files = (["problems.json", "pid_splits.json"] + (["captions.json"] if cfg.train.captions else [])
+             if cfg.train.task == "scienceqa" else ["dataset_coco.json"])
+    h = hashlib.sha256()
+    for name in files:
+        h.update(name.encode() + b"\0")
+        try:
+            with open(root / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise DataError(f"{root / name}: {e.strerror}") from None
+    return {"files": files, "sha256": h.hexdigest()}
 
 
 def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, limit: int = 0, log=print):
@@ -132,7 +179,7 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
     if cfg.train.task == "scienceqa":
         examples = read_scienceqa(root, split, cfg.train.captions, cfg.train.prompt_format, log)
     else:
-        examples = read_coco(root, split)
+        examples = read_coco(root, split, log=log)
     examples = examples[:limit] if limit else examples
     check_images(examples)                  # never start on a missing or corrupt image
     dataset = VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)

@@ -8,9 +8,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+
+
+def check_finite(obj, group: str) -> None:
+    """Every float option (and every float in a list or tuple option) must be a number: a NaN or inf
+    would train without a word, to a NaN loss and a checkpoint full of NaN."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{group}.{f.name} must be a finite number, got {value}")
+
+
+def check_at_least(obj, group: str, low, *keys: str) -> None:
+    for k in keys:
+        if getattr(obj, k) < low:
+            raise ValueError(f"{group}.{k} must be >= {low}, got {getattr(obj, k)}")
+
+
+def check_between(obj, group: str, low, high, *keys: str, high_open: bool = False) -> None:
+    for k in keys:
+        v = getattr(obj, k)
+        if not (low <= v < high if high_open else low <= v <= high):
+            raise ValueError(f"{group}.{k} must be in [{low}, {high}{')' if high_open else ']'}, got {v}")
 
 
 @dataclass
@@ -29,9 +53,11 @@ class ViTConfig:
     adapters: bool = True            # switch the ViT adapters off entirely
 
     def __post_init__(self):
-        for k in ("image_size", "patch_size", "width", "layers", "heads"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"vit.{k} must be >= 1, got {getattr(self, k)}")
+        check_finite(self, "vit")
+        check_at_least(self, "vit", 1, "image_size", "patch_size", "width", "layers", "heads", "adapter_dim")
+        check_between(self, "vit", 0, 1, "adapter_dropout")
+        if self.eps <= 0:
+            raise ValueError(f"vit.eps must be > 0, got {self.eps}")
         if self.width % self.heads:
             raise ValueError(f"vit.heads={self.heads} does not divide vit.width={self.width}")
         if self.patch_size > self.image_size:
@@ -67,9 +93,12 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"llama.{k} must be >= 1, got {getattr(self, k)}")
+        check_finite(self, "llama")
+        check_at_least(self, "llama", 1, "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                       "max_seq_len")
+        for k in ("norm_eps", "rope_theta"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"llama.{k} must be > 0, got {getattr(self, k)}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide")
         if self.rope_scaling is not None:
@@ -115,6 +144,9 @@ class LSRMConfig:
 
     def __post_init__(self):
         self.taps = list(self.taps)
+        check_finite(self, "lsrm")
+        check_at_least(self, "lsrm", 1, "n_slots", "proj_hidden")
+        check_between(self, "lsrm", 0, 1, "dropout")
         if not self.taps:
             raise ValueError("lsrm.taps must list at least one ViT block")
         if not 0.0 <= self.delta <= 1.0:
@@ -167,8 +199,11 @@ class TrainConfig:
             raise ValueError(f"train.preprocess must be clip or squash, got {self.preprocess!r}")
         if self.frozen_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.frozen_dtype must be auto/float32/bfloat16/float16, got {self.frozen_dtype!r}")
-        if self.batch_size < 1 or self.micro_batch < 1 or self.epochs < 1:
-            raise ValueError("train.batch_size, train.micro_batch and train.epochs must be >= 1")
+        check_finite(self, "train")
+        check_at_least(self, "train", 1, "batch_size", "micro_batch", "epochs", "max_len", "eval_batch")
+        check_at_least(self, "train", 0, "base_lr", "warmup_epochs", "weight_decay", "grad_clip",
+                       "log_every", "ckpt_every")                 # log_every, ckpt_every: 0 is off
+        check_between(self, "train", 0, 1, "beta1", "beta2", high_open=True)     # as AdamW requires
         if self.limit < 0:
             raise ValueError(f"train.limit must be >= 0 (0: all items), got {self.limit}")
         if self.prompt_format not in PROMPT_FORMATS:
@@ -196,6 +231,9 @@ class Config:
             raise ValueError(f"lsrm.taps has repeated blocks: {self.lsrm.taps}")
         if self.lsrm.n_slots < self.vit.n_patches:
             raise ValueError(f"lsrm.n_slots={self.lsrm.n_slots} < {self.vit.n_patches} image patches")
+        if self.train.max_len > self.llama.max_seq_len:      # else the first long batch fails, naming neither
+            raise ValueError(f"train.max_len={self.train.max_len} is more than llama.max_seq_len="
+                             f"{self.llama.max_seq_len}, the longest sequence the decoder takes")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -342,6 +380,9 @@ def apply_overrides(cfg, overrides: list[str]):
                 obj = getattr(obj, part)
                 if not dataclasses.is_dataclass(obj):
                     raise ValueError(f"unknown option {key!r}: {part} is not a group")
+            elif dataclasses.is_dataclass(getattr(obj, part)):
+                fields = ", ".join(f"{key.strip()}.{k}" for k in field_types(getattr(obj, part)))
+                raise ValueError(f"{key.strip()!r} is a group of options, not one; set one of: {fields}")
             else:
                 setattr(obj, part, _parse(text.strip(), types[part], key))
     # re-run the derived fields and checks of every component

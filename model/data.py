@@ -11,6 +11,7 @@ The same readers serve the real datasets and the committed toy ones in tiny_data
 """
 from __future__ import annotations
 
+import collections
 import json
 import string
 from dataclasses import dataclass, field
@@ -107,10 +108,18 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False, prompt_
         if not isinstance(caption_of, dict) or not isinstance(caption_of.get("captions"), dict):
             raise DataError(f"{captions_file}: expected {{\"captions\": {{pid: text}}}}")
         caption_of = caption_of["captions"]
+        odd = next((pid for pid, text in caption_of.items() if not isinstance(text, str)), None)
+        if odd is not None:
+            raise DataError(f"{captions_file}: the caption of pid {odd!r} is {caption_of[odd]!r}, not text")
 
     if not isinstance(splits[split], list):
         raise DataError(f"{splits_file}: split {split!r} is a {type(splits[split]).__name__}, not a list of pids")
-    examples, answer_alone = [], 0
+    if not splits[split]:
+        raise DataError(f"{splits_file}: split {split!r} is empty")
+    pid, times = collections.Counter(map(str, splits[split])).most_common(1)[0]
+    if times > 1:                          # each would be trained on (and scored) that many times
+        raise DataError(f"{splits_file}: split {split!r} lists pid {pid!r} {times} times")
+    examples, answer_alone, uncaptioned = [], 0, 0
     for pid in splits[split]:
         pid = str(pid)
         if pid not in problems:
@@ -124,6 +133,7 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False, prompt_
                 raise DataError(f"{image}: image of problem {pid!r} not found")
         context = p["hint"].strip()
         if captions and image is not None:
+            uncaptioned += pid not in caption_of
             context = f"{context} {caption_of.get(pid, '')}".strip()
         lecture, solution = (p.get("lecture") or "").strip(), (p.get("solution") or "").strip()
         target = scienceqa_target(p["answer"], prompt_format, lecture, solution)
@@ -141,6 +151,9 @@ def read_scienceqa(root: str | Path, split: str, captions: bool = False, prompt_
         missing = "solution" if prompt_format == "QCM-EA" else "lecture or solution"
         log(f"note: {answer_alone} of {len(examples)} items of {problems_file} (split {split!r}) have no {missing}: "
             f"their target is the answer alone")
+    if uncaptioned:
+        log(f"note: {uncaptioned} of {sum(e.image is not None for e in examples)} picture items of split {split!r} "
+            f"have no caption in {root / 'captions.json'}: their context has none")
     return examples
 
 
@@ -183,9 +196,10 @@ CAPTION_PROMPT = "Instruction: Summarize the visual content of the image.\nRespo
 COCO_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
-def read_coco(root: str | Path, split: str) -> list[Example]:
+def read_coco(root: str | Path, split: str, log=print) -> list[Example]:
     """dataset_coco.json -> Examples. train (with restval): one per (image, caption);
-    val/test: one per image, target = first caption, every caption in info["references"]."""
+    val/test: one per image, target = first caption, every caption in info["references"].
+    Empty captions (only spaces) are left out, counted in one note."""
     root = Path(root)
     file = root / "dataset_coco.json"
     if split not in COCO_SPLITS:
@@ -193,7 +207,7 @@ def read_coco(root: str | Path, split: str) -> list[Example]:
     data = _load_json(file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{file}: expected an object with an \"images\" list")
-    examples = []
+    examples, blank = [], 0
     for i, entry in enumerate(data["images"]):
         if not isinstance(entry, dict):
             raise DataError(f"{file}: images[{i}] is not an object")
@@ -208,15 +222,28 @@ def read_coco(root: str | Path, split: str) -> list[Example]:
             raise DataError(f"{file}: image {image_id} has no sentences")
         if not all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences):
             raise DataError(f"{file}: image {image_id} has a sentence without a 'raw' caption")
+        if not isinstance(entry["filepath"], str) or not isinstance(entry["filename"], str):
+            raise DataError(f"{file}: image {image_id} has filepath {entry['filepath']!r} and filename "
+                            f"{entry['filename']!r}; expected text")
         image = root / entry["filepath"] / entry["filename"]
         if not image.is_file():
             raise DataError(f"{image}: image {image_id} not found")
         refs = [s["raw"].strip() for s in sentences]
+        blank += refs.count("")
+        refs = [r for r in refs if r]          # an empty target teaches the end of text, an empty reference scores 0
+        if not refs:
+            raise DataError(f"{file}: image {image_id} has only empty captions")
         if split == "train":
             examples += [Example(f"{image_id}-{k}", CAPTION_PROMPT, " " + r, image, dict(references=refs))
                          for k, r in enumerate(refs)]
         else:
             examples.append(Example(image_id, CAPTION_PROMPT, " " + refs[0], image, dict(references=refs)))
+    if not examples:                       # a misspelt split in the file, most likely
+        found = sorted({str(e.get("split")) for e in data["images"] if isinstance(e, dict)})
+        raise DataError(f"{file}: no image has split {' or '.join(COCO_SPLITS[split])}; the splits found: "
+                        f"{', '.join(found) or 'none'}")
+    if blank:
+        log(f"note: {blank} captions of the {split} images in {file} are empty (only spaces): left out")
     return examples
 
 
@@ -228,15 +255,32 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _open(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not an image file")
     try:
         with Image.open(path) as img:
             img.load()                 # decode now: a truncated file fails here, not in a worker later
-            return img.convert("RGB")  # as CLIP does (grey, palette and RGBA files alike)
+            return _8bit(img, path).convert("RGB")  # as CLIP does (grey, palette and RGBA files alike)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: not a readable image ({reason})") from None
+
+
+def _8bit(img: Image.Image, path: Path) -> Image.Image:
+    """16-bit grey (a PNG's mode I;16) scaled to 8 bits (x 255/65535): Pillow's convert("RGB") clips it at
+    255 instead, an all-white picture. 32-bit integer and float pixels are refused. (16-bit colour PNGs
+    Pillow already reads as 8-bit RGB.)"""
+    if img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)                                     # (H, W) in 0..65535
+        return Image.fromarray(np.round(a * (255 / 65535)).astype(np.uint8), "L")
+    if img.mode in ("I", "F"):
+        raise DataError(f"{path}: {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (mode "
+                        f"{img.mode}) are not read: save it with 8 or 16 bits per channel")
+    return img
 
 
 def load_image(path: str | Path, image_size: int, preprocess: str = "clip") -> torch.Tensor:

@@ -70,13 +70,17 @@ class WordTokenizer(ByteTokenizer):
 # Real tokenizers, each behind an optional package. `decode` drops special tokens; `encode` reads the
 # special tokens' text (e.g. "<|im_start|>") as those tokens, so chat templates can be written as text.
 
+class MissingPackage(ImportError):
+    """An optional package a file format needs is not installed: one line naming it and its install command."""
+
+
 def need(module: str, what: str = "this tokenizer"):
     """Import an optional package, or say in one line which one to install."""
     import importlib
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{what} needs the `{module}` package: pip install {module.split('.')[0]}") from None
+        raise MissingPackage(f"{what} needs the `{module}` package: pip install {module.split('.')[0]}") from None
 
 
 class SentencePieceTokenizer:

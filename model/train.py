@@ -9,10 +9,13 @@
   the same number of equal micro-batches.
 - Checkpoints hold only the trainable parameters, optimizer state, RNG state, config and step; they are
   written atomically (tmp file + rename), and `resume` continues exactly where the run stopped.
+- A non-finite loss stops the run before that step is taken, and no checkpoint with NaN or inf in it is
+  written or loaded: the last good checkpoint stays.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -34,6 +37,17 @@ CKPT_FORMAT = "lsrm-adapters-v1"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not fit the model: one line naming the file."""
+
+
+class Diverged(ValueError):
+    """A non-finite loss or adapter weight: training stops at that step, saying which checkpoint is kept."""
+
+
+# What a run writes into its directory. A new run there (--overwrite) removes the old run's files first.
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "metrics.json", "predictions.jsonl")
+# Options a resumed run may change: where the data is (its contents are checked by fingerprint), how often
+# it logs and checkpoints, how it is evaluated at the end.
+RESUME_FREE = ("train.data", "train.log_every", "train.ckpt_every", "train.eval_split", "train.eval_batch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,22 +126,41 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())           # on disk before the rename: a power cut leaves the old file or the new
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj, path: Path) -> None:
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    buf = io.BytesIO()
+    torch.save(obj, buf)                   # first: a full disk is then an OSError, not torch's "unexpected pos"
+    write_atomically(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
 
 
-def keep_history(path: Path, step: int) -> None:
-    """Drop the log.jsonl lines after `step` (the checkpoint resumed from): those steps run again."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines(keepends=True) if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-        if len(kept) < len(lines):
-            write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
+def keep_history(path: Path, step: int, log: Callable[[str], None] = print) -> None:
+    """Drop the log.jsonl lines after `step` (the checkpoint resumed from): those steps run again. A last
+    line cut short (a crash or a full disk in the middle of writing it) is dropped with a note."""
+    if not path.is_file():
+        return
+    text = path.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            logged = record["step"]
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines):
+                raise CheckpointError(f"{path}: line {n} is not a log record (the file is damaged): "
+                                      f"remove that line to resume") from None
+            log(f"note: {path}: its last line was cut short ({line[:40]!r}...): dropped")
+            break
+        if logged <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 class StopOnInterrupt:
@@ -191,7 +224,29 @@ def load_adapters(model: LSRM, ckpt: dict, path: Path) -> None:
                 if got[name].shape != p.shape:
                     raise CheckpointError(f"{path}: {name} has shape {tuple(got[name].shape)}, "
                                           f"the model expects {tuple(p.shape)}: a different config")
+                if not torch.isfinite(got[name]).all():
+                    raise CheckpointError(f"{path}: {name} holds NaN or inf: the run that wrote it diverged")
                 p.copy_(got[name])
+
+
+def check_resume(ckpt: dict, cfg: Config, path: Path, data: Optional[dict] = None, log=print) -> None:
+    """A checkpoint continues only the run it was written by: the same config (but RESUME_FREE) and, when
+    `data` (data fingerprint: {"files", "sha256"}) is given, the same training data."""
+    try:                                            # an older checkpoint's config, with today's defaults
+        then = Config.from_dict(ckpt["config"]).to_dict()
+    except (TypeError, ValueError, KeyError):
+        then = ckpt["config"]
+    diff = [k for k in config_diff(then, cfg.to_dict()) if k not in RESUME_FREE]
+    if diff:
+        raise CheckpointError(f"{path}: written with a different config ({', '.join(diff[:5])})")
+    if data is None:
+        return
+    if not ckpt.get("data"):
+        log(f"note: {path} records no fingerprint of its training data (an older checkpoint): not checked")
+    elif ckpt["data"]["sha256"] != data["sha256"]:
+        raise CheckpointError(f"{path}: trained on other data: {' / '.join(data['files'])} changed since "
+                              f"(sha256 {ckpt['data']['sha256'][:12]} then, {data['sha256'][:12]} now); resume "
+                              f"with the data it was trained on, or start a new run")
 
 
 def backbone_fingerprint(model: LSRM) -> list[float]:
@@ -218,12 +273,13 @@ def batch_indices(n: int, cfg: Config, epoch: int, i: int, rank: int, world: int
 
 def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *, resume: bool = False,
           stop_after: Optional[int] = None, log: Callable[[str], None] = print,
-          device: Optional[torch.device] = None) -> dict:
+          device: Optional[torch.device] = None, data: Optional[dict] = None) -> dict:
     """Fine-tune the adapters of `model` on `dataset`; writes out_dir/{checkpoint.pt, log.jsonl}.
 
     `stop_after` ends the run after that many optimizer steps (in total), checkpointing first:
     an interruption that `resume=True` continues from. Ctrl-C does the same at the end of the current
-    step (the summary then has "interrupted": True).
+    step (the summary then has "interrupted": True). `data`, the data's fingerprint, is recorded in the
+    checkpoint and checked on resume. A fresh run removes an old run's RUN_FILES before it starts.
     """
     t = cfg.train
     rank, world = distributed()
@@ -243,9 +299,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     step = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        diff = config_diff(ckpt["config"], cfg.to_dict())
-        if diff:
-            raise CheckpointError(f"{ckpt_path}: written with a different config ({', '.join(diff[:5])})")
+        check_resume(ckpt, cfg, ckpt_path, data, log)
         load_adapters(model, ckpt, ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -253,13 +307,25 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
         log(f"resumed from {ckpt_path} at step {step}")
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
 
+    def kept() -> str:
+        return (f"the last checkpoint, {ckpt_path} (step {saved}), is intact" if saved else
+                "no checkpoint was written")
+
     def save(step: int):
         if rank == 0:
-            atomic_save({"format": CKPT_FORMAT, "config": cfg.to_dict(), "step": step,
-                         "epoch": step / steps_per_epoch, "adapters": adapter_state_dict(model),
-                         "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                         "inheritable_used": model.inheriting,
-                         "backbone": backbone_fingerprint(model)}, ckpt_path)
+            adapters = adapter_state_dict(model)
+            bad = next((k for k, v in adapters.items() if not torch.isfinite(v).all()), None)
+            if bad is not None:
+                raise Diverged(f"step {step}: {bad} holds NaN or inf: training stopped; {kept()}")
+            try:
+                atomic_save({"format": CKPT_FORMAT, "config": cfg.to_dict(), "step": step,
+                             "epoch": step / steps_per_epoch, "adapters": adapters,
+                             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                             "inheritable_used": model.inheriting, "data": data,
+                             "backbone": backbone_fingerprint(model)}, ckpt_path)
+            except OSError as e:
+                raise CheckpointError(f"{ckpt_path}: cannot be written at step {step} ({e.strerror or e}); "
+                                      f"{kept()}: make room, then continue with --resume") from None
 
     model.train()
     model.inherit(inheritable_at(cfg, (step - 1) // steps_per_epoch) if step else False)   # as after `step` steps
@@ -267,7 +333,10 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            keep_history(history_file, step)
+            keep_history(history_file, step, log)
+        else:
+            for name in RUN_FILES:             # --overwrite: nothing of the old run is left beside the new one
+                (out_dir / name).unlink(missing_ok=True)
     fresh = not resume                         # a new run replaces log.jsonl at its first step, not before
     t0, first = time.time(), step
     last_loss, saved, interrupted = float("nan"), step, False
@@ -292,17 +361,23 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
                     loss = answer_loss_sum(logits, b["targets"].to(device))
                     (loss * world / n_tok).backward()          # DDP averages over processes: undo that
                 loss_sum += loss.detach()
+            last_loss = (all_sum(loss_sum) / n_tok).item()
+            if not math.isfinite(last_loss):       # diverged (bf16 overflow, too high a rate): the step is not taken
+                raise Diverged(f"step {step + 1}: the loss is {last_loss}: training stopped; {kept()}")
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            last_loss = (all_sum(loss_sum) / n_tok).item()
             if rank == 0:
-                with open(history_file, "w" if fresh else "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr}) + "\n")
+                try:
+                    with open(history_file, "w" if fresh else "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr}) + "\n")
+                except OSError as e:
+                    raise CheckpointError(f"{history_file}: cannot be written at step {step} ({e.strerror or e}); "
+                                          f"{kept()}: make room, then continue with --resume") from None
                 fresh = False
-                if step % t.log_every == 0 or step == total or step == first + 1:
+                if (t.log_every and step % t.log_every == 0) or step == total or step == first + 1:
                     dt = (time.time() - t0) / (step - first)
                     log(f"step {step:5d}/{total} | epoch {epoch + 1}/{t.epochs} | loss {last_loss:.4f} | lr {lr:.2e} "
                         f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if model.inheriting else ""))

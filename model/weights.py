@@ -64,8 +64,13 @@ class Source(NamedTuple):
 Tensors = dict[str, tuple[str, Callable[[], torch.Tensor]]]   # checkpoint key -> (file, getter)
 
 
-def _need(module: str):                        # an optional package, only for the formats that use it
-    return need(module, "reading this checkpoint")
+def _need(module: str, path):                  # an optional package, only for the formats that use it
+    return need(module, f"reading {path}")
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 26) -> bool:
+    """No NaN or inf in `t`, checked in slices (a whole 500M-entry embedding would need as many bytes)."""
+    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +260,10 @@ def _fill(module: nn.Module, sources: dict[str, Source], path, allowed_missing: 
         if t.shape != params[name].shape:
             raise WeightsError(f"{src.file}: {src.key!r} has shape {tuple(t.shape)} but {prefix}{name} "
                                f"is {tuple(params[name].shape)}")
-        _assign(module, name, t.to(device=device, dtype=dtype))
+        t = t.to(device=device, dtype=dtype)
+        if not all_finite(t):                  # else it trains "successfully" to a NaN loss and checkpoint
+            raise WeightsError(f"{src.file}: {src.key!r} holds NaN or inf (as {str(dtype).removeprefix('torch.')})")
+        _assign(module, name, t)
 
 
 def _same(a, b) -> bool:
@@ -327,7 +335,7 @@ def _torch_load(path: Path, **kw):
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         _check_safetensors(path)
-        return _need("safetensors.torch").load_file(str(path))
+        return _need("safetensors.torch", path).load_file(str(path))
     if _is_torchscript(path):                  # OpenAI's ViT-L-14.pt: torch.load(weights_only) refuses it
         try:
             return torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -357,7 +365,7 @@ def _hf_tensors(d: Path) -> Tensors:
         f = d / name
         if f.suffix == ".safetensors":
             _check_safetensors(f)
-            handle = _need("safetensors").safe_open(str(f), framework="pt")
+            handle = _need("safetensors", f).safe_open(str(f), framework="pt")
             out.update({k: (str(f), lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()})
         else:
             sd = _torch_load(f, mmap=True)
@@ -552,11 +560,11 @@ def _open_hf_llama(d: Path) -> tuple[LlamaConfig, dict[str, Source]]:
 @functools.lru_cache(maxsize=1)
 def _gguf_reader(path: str, mtime_ns: int):
     """Parsing a GGUF's metadata takes seconds (its vocabulary): once for reading the config and loading."""
-    return _need("gguf").GGUFReader(path)
+    return _need("gguf", path).GGUFReader(path)
 
 
 def _open_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Source]]:
-    gguf = _need("gguf")
+    gguf = _need("gguf", path)
     try:
         reader = _gguf_reader(str(path), path.stat().st_mtime_ns)
     except Exception as e:  # noqa: BLE001 - the gguf reader raises anything on a cut or foreign file

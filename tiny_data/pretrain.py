@@ -35,6 +35,7 @@ from model.config import Config, LlamaConfig, ViTConfig
 from model.data import preprocess_image
 from model.llama import Transformer
 from model.train import CheckpointError, atomic_save, autocast, write_atomically
+from model.weights import WeightsError, all_finite
 from model.vit import VisionTransformer
 
 from . import make_tiny_data as world                 # the toy world's generator
@@ -214,14 +215,22 @@ def read_backbone(path: Path, fits: dict, log: Callable = print) -> dict[str, to
         log(f"{path} was written for another {'/'.join(diff)}: pretraining instead "
             f"(`python lsrm.py pretrain` rewrites it)")
         return None
-    return {k: v.float() for k, v in blob["state"].items()}
+    return check_finite({k: v.float() for k, v in blob["state"].items()}, path)
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Frozen weights with NaN or inf would train to a NaN loss without a word: refused, naming the tensor."""
+    bad = next((k for k, v in state.items() if not all_finite(v)), None)
+    if bad is not None:
+        raise WeightsError(f"{path}: {bad!r} holds NaN or inf")
+    return state
 
 
 def _cached(path: Path, make: Callable[[], dict], log: Callable) -> dict[str, torch.Tensor]:
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return check_finite(torch.load(path, map_location="cpu", weights_only=True), path)
     log(f"pretraining {path.stem.split('-')[0]} (once; cached in {path})")
-    state = make()
+    state = check_finite(make(), path)         # a diverged pretraining is not cached
     atomic_save(state, path)
     return state
 
