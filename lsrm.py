@@ -29,7 +29,7 @@ from model.assemble import (UserError, load_config, make_dataset, make_tokenizer
                             model_from_config, resolve)
 from model.data import collate, load_image
 from model.evaluate import TextStream, evaluate, generate, report, save
-from model.train import default_device, distributed, fmt_time, train
+from model.train import check_precision, default_device, distributed, fmt_time, from_rank0, leave_group, train
 from model.vlm import build, param_groups
 
 
@@ -68,12 +68,14 @@ def cmd_train(args) -> None:
     out = Path(args.out or f"runs/{cfg.name}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1 (optimizer steps before stopping), got {args.stop_after}")
-    check_run_dir(out, args.resume, args.overwrite)
+    check_precision(cfg.train.frozen_dtype)
+    from_rank0(lambda: check_run_dir(out, args.resume, args.overwrite))   # only rank 0 reads and writes --out
     t0 = time.time()
     torch.manual_seed(cfg.train.seed)
     tokenizer = make_tokenizer(cfg)
     examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit, log=log)
-    evaluation = None if args.no_eval else make_dataset(cfg, cfg.train.eval_split, tokenizer, log=log)  # checked up front
+    evaluation = None if args.no_eval else from_rank0(                    # checked up front, by rank 0 that uses it
+        lambda: make_dataset(cfg, cfg.train.eval_split, tokenizer, log=log), share=False)
     log(f"{len(examples)} training items from {resolve(cfg.train.data)}; config {cfg.name}; "
         f"{world} process(es) on {device}")
     model = model_from_config(cfg, device, log)
@@ -82,20 +84,20 @@ def cmd_train(args) -> None:
     summary = train(cfg, model, dataset, lambda items: collate(items, tokenizer.pad_id), out,
                     resume=args.resume, stop_after=args.stop_after, log=log, device=device)
     if summary["interrupted"]:
+        leave_group()
         raise Interrupted(f"interrupted at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
                           f"continue with the same command and --resume")
     if summary["step"] < summary["total"]:
         log(f"stopped at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
             f"continue with --resume")
-        return
-    if rank != 0 or args.no_eval:
-        return
-    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
-                      bounds=not args.no_bounds)
-    result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
-    save(result, out / "metrics.json", out / "predictions.jsonl")
-    print(report(cfg, result))
-    print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    elif rank == 0 and not args.no_eval:
+        result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
+                          bounds=not args.no_bounds)
+        result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
+        save(result, out / "metrics.json", out / "predictions.jsonl")
+        print(report(cfg, result))
+        print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    leave_group()                      # the other processes wait for rank 0's evaluation, then all exit together
 
 
 def cmd_eval(args) -> None:
