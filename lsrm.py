@@ -194,12 +194,20 @@ def cmd_params(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    """Speed and memory: MemVP vs LSRM, ours vs transformers, KV cache, selection vs sort (tools/bench.py)."""
-    from tools.bench import report as bench_report, run_bench
-    configs = ("tiny",) if args.quick else tuple(args.configs.split(","))
-    result = run_bench(configs, reps=1 if args.quick else args.reps, threads=args.threads)
-    print(bench_report(result))
-    out = Path(args.out)
+    """Speed and memory: MemVP vs LSRM, ours vs transformers, KV cache, selection vs sort (tools/bench.py);
+    with --data, the data path on a synthetic COCO-sized set (tools/data_bench.py)."""
+    if args.data:
+        from tools.data_bench import report as data_report, run_data_bench
+        if args.images < 32 or args.workers < 1:
+            raise UserError(f"--images {args.images} --workers {args.workers}: at least one batch (32) and one worker")
+        result = run_data_bench(args.images, args.workers, old=not args.no_old, log=functools.partial(print, flush=True))
+        print(data_report(result))
+    else:
+        from tools.bench import report as bench_report, run_bench
+        configs = ("tiny",) if args.quick else tuple(args.configs.split(","))
+        result = run_bench(configs, reps=1 if args.quick else args.reps, threads=args.threads)
+        print(bench_report(result))
+    out = Path(args.out or ("runs/bench_data.json" if args.data else "runs/bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
@@ -266,13 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="frozen weights' dtype (trainable ones stay fp32)")
 
-    p = sub.add_parser("bench", help="speed and memory: MemVP vs LSRM, ours vs transformers (tiny and mid)")
+    p = sub.add_parser("bench", help="speed and memory: MemVP vs LSRM, ours vs transformers (tiny and mid); "
+                                     "--data: the data path")
     p.set_defaults(fn=cmd_bench)
-    p.add_argument("--out", default="runs/bench.json", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (default runs/bench.json, runs/bench_data.json)")
     p.add_argument("--quick", action="store_true", help="tiny only, one repetition (a smoke test)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per side, after one warm-up")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, or a preset name")
+    p.add_argument("--data", action="store_true", help="the data path instead: DataLoader workers, memory over a pass")
+    p.add_argument("--images", type=int, default=20_000, help="--data: synthetic COCO-sized JPEGs to write and read")
+    p.add_argument("--workers", type=int, default=2, help="--data: worker processes, timed against 0")
+    p.add_argument("--no-old", action="store_true", help="--data: skip the old path (float32 cache: ~600 KB a picture)")
 
     p = command("ablate", cmd_ablate, "Table 5 (the component ladder) over seeds, and a δ/λ sweep", config="tiny")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ladder row")
