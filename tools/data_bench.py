@@ -128,7 +128,6 @@ def timed_pass(batches, n_steps: int, per_step: int) -> dict:
 
 def run_data_bench(n_images: int = 20_000, workers: int = 2, old: bool = True, log=print) -> dict:
     cfg = get_config("llama-13b-coco")                  # the paper's COCO run: 224 px, batch 32 in micro-batches of 4
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=4, image_cache_mb=32))
     tokenizer = make_tokenizer(get_config("tiny"))      # any tokenizer: the pictures dominate
     col = lambda items: collate(items, tokenizer.pad_id)
     device = torch.device("cpu")
