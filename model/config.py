@@ -143,8 +143,8 @@ class TrainConfig:
     captions: bool = False           # add ScienceQA captions to the context (train and eval alike)
     seed: int = 0
     log_every: int = 10
-    # also checkpoint every N steps (0: at epoch ends only): a COCO epoch is ~17,700 steps, so a preempted
-    # run loses at most these 1,000 (minutes); ScienceQA's 397-step epochs end before it matters
+    # also checkpoint every N steps (0: at epoch ends only): a COCO epoch is ~17,700 steps, so a hard kill
+    # (a node lost; SIGTERM loses nothing) costs at most these 1,000 (minutes); ScienceQA's epochs are 397
     ckpt_every: int = 1000
     workers: int = 2                 # DataLoader worker processes building batches ahead (0: in the training process)
     image_cache_mb: int = 32         # per process: decoded pictures kept as uint8 (the tiny set's 1,440 fit; 224 px: ~200)
