@@ -400,3 +400,22 @@ def test_a_bad_picture_met_in_training_is_one_line_after_a_checkpoint(dataset, t
     assert "\n" not in msg and msg.startswith("images/train/7/image.png: not a readable image")
     assert "step 3/10" in msg and "--resume" in msg
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3 and len(losses(tmp_path)) == 3
+
+
+def test_a_checkpoint_from_before_these_fields_resumes_exactly(dataset, tmp_path):
+    """A checkpoint written before train.workers / image_cache_mb / check_images existed, with ckpt_every 0 and
+    only rank 0's CPU random state, still resumes, exactly (one process)."""
+    ds, col = dataset
+    cfg = small_cfg()
+    train(cfg, fresh_model(cfg), ds, col, tmp_path / "whole", log=lambda s: None)
+    part = tmp_path / "part"
+    train(cfg, fresh_model(cfg), ds, col, part, stop_after=3, log=lambda s: None)
+    old = torch.load(part / "checkpoint.pt", weights_only=True)
+    del old["rng_states"]
+    for k in ("workers", "image_cache_mb", "check_images"):
+        del old["config"]["train"][k]
+    old["config"]["train"]["ckpt_every"] = 0
+    torch.save(old, part / "checkpoint.pt")
+    notes = []
+    train(cfg, fresh_model(cfg), ds, col, part, resume=True, log=notes.append)
+    assert losses(part) == losses(tmp_path / "whole") and not any("note" in n for n in notes)
