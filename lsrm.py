@@ -32,7 +32,7 @@ from model.data import collate, load_image
 from model.evaluate import TextStream, evaluate, generate, report, save
 from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
 from model.tokenizer import MissingPackage
-from model.train import default_device, distributed, fmt_time, train
+from model.train import check_precision, default_device, distributed, fmt_time, from_rank0, leave_group, train
 from model.vlm import build, param_groups
 
 
@@ -66,10 +66,11 @@ def cmd_train(args) -> None:
     out = Path(args.out or f"runs/{cfg.name}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1 (optimizer steps before stopping), got {args.stop_after}")
-    check_run_dir(out, args.resume, args.overwrite)
+    check_precision(cfg.train.frozen_dtype)
+    from_rank0(lambda: check_run_dir(out, args.resume, args.overwrite))   # only rank 0 reads and writes --out
     data = data_fingerprint(cfg)
     if args.resume:
-        check_resumable(out, cfg, data)
+        from_rank0(lambda: check_resumable(out, cfg, data), share=False)
     with hold_run_dir(out, log) if rank == 0 else contextlib.nullcontext():     # the other ranks share it
         train_in(out, args, cfg, data, rank, world, log, device)
 
@@ -80,7 +81,8 @@ def train_in(out: Path, args, cfg: C.Config, data: dict, rank: int, world: int, 
     torch.manual_seed(cfg.train.seed)
     tokenizer = make_tokenizer(cfg)
     examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit, log=log)
-    evaluation = None if args.no_eval else make_dataset(cfg, cfg.train.eval_split, tokenizer, log=log)  # checked up front
+    evaluation = None if args.no_eval else from_rank0(                    # checked up front, by rank 0 that uses it
+        lambda: make_dataset(cfg, cfg.train.eval_split, tokenizer, log=log), share=False)
     log(f"{len(examples)} training items from {resolve(cfg.train.data)}; config {cfg.name}; "
         f"{world} process(es) on {device}")
     model = model_from_config(cfg, device, log)
@@ -89,20 +91,20 @@ def train_in(out: Path, args, cfg: C.Config, data: dict, rank: int, world: int, 
     summary = train(cfg, model, dataset, lambda items: collate(items, tokenizer.pad_id), out,
                     resume=args.resume, stop_after=args.stop_after, log=log, device=device, data=data)
     if summary["interrupted"]:
+        leave_group()
         raise Interrupted(f"interrupted at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
                           f"continue with the same command and --resume")
     if summary["step"] < summary["total"]:
         log(f"stopped at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
             f"continue with --resume")
-        return
-    if rank != 0 or args.no_eval:
-        return
-    result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
-                      bounds=not args.no_bounds)
-    result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
-    print(report(cfg, result))
-    save_results(result, out / "metrics.json", out / "predictions.jsonl", ckpt=out / "checkpoint.pt")
-    print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    elif rank == 0 and not args.no_eval:
+        result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
+                          bounds=not args.no_bounds)
+        result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
+        print(report(cfg, result))
+        save_results(result, out / "metrics.json", out / "predictions.jsonl", ckpt=out / "checkpoint.pt")
+        print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    leave_group()                      # the other processes wait for rank 0's evaluation, then all exit together
 
 
 def cmd_eval(args) -> None:
@@ -205,12 +207,20 @@ def cmd_params(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    """Speed and memory: MemVP vs LSRM, ours vs transformers, KV cache, selection vs sort (tools/bench.py)."""
-    from tools.bench import report as bench_report, run_bench
-    configs = ("tiny",) if args.quick else tuple(args.configs.split(","))
-    result = run_bench(configs, reps=1 if args.quick else args.reps, threads=args.threads)
-    print(bench_report(result))
-    out = Path(args.out)
+    """Speed and memory: MemVP vs LSRM, ours vs transformers, KV cache, selection vs sort (tools/bench.py);
+    with --data, the data path on a synthetic COCO-sized set (tools/data_bench.py)."""
+    if args.data:
+        from tools.data_bench import report as data_report, run_data_bench
+        if args.images < 32 or args.workers < 1:
+            raise UserError(f"--images {args.images} --workers {args.workers}: at least one batch (32) and one worker")
+        result = run_data_bench(args.images, args.workers, old=not args.no_old, log=functools.partial(print, flush=True))
+        print(data_report(result))
+    else:
+        from tools.bench import report as bench_report, run_bench
+        configs = ("tiny",) if args.quick else tuple(args.configs.split(","))
+        result = run_bench(configs, reps=1 if args.quick else args.reps, threads=args.threads)
+        print(bench_report(result))
+    out = Path(args.out or ("runs/bench_data.json" if args.data else "runs/bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
@@ -277,13 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="frozen weights' dtype (trainable ones stay fp32)")
 
-    p = sub.add_parser("bench", help="speed and memory: MemVP vs LSRM, ours vs transformers (tiny and mid)")
+    p = sub.add_parser("bench", help="speed and memory: MemVP vs LSRM, ours vs transformers (tiny and mid); "
+                                     "--data: the data path")
     p.set_defaults(fn=cmd_bench)
-    p.add_argument("--out", default="runs/bench.json", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (default runs/bench.json, runs/bench_data.json)")
     p.add_argument("--quick", action="store_true", help="tiny only, one repetition (a smoke test)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per side, after one warm-up")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, or a preset name")
+    p.add_argument("--data", action="store_true", help="the data path instead: DataLoader workers, memory over a pass")
+    p.add_argument("--images", type=int, default=20_000, help="--data: synthetic COCO-sized JPEGs to write and read")
+    p.add_argument("--workers", type=int, default=2, help="--data: worker processes, timed against 0")
+    p.add_argument("--no-old", action="store_true", help="--data: skip the old path (float32 cache: ~600 KB a picture)")
 
     p = command("ablate", cmd_ablate, "Table 5 (the component ladder) over seeds, and a δ/λ sweep", config="tiny")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ladder row")

@@ -181,7 +181,10 @@ def make_dataset(cfg: C.Config, split: str, tokenizer, data: str | None = None, 
     else:
         examples = read_coco(root, split, log=log)
     examples = examples[:limit] if limit else examples
-    check_images(examples)                  # never start on a missing or corrupt image
-    dataset = VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
+    if not check_images(examples, cfg.train.check_images):    # never start on a missing or corrupt image
+        log(f"note: {split}: more than train.check_images={cfg.train.check_images} pictures: each was checked to "
+            f"exist and is decoded when first read (a bad one stops the run there, in one line naming it)")
+    dataset = VLDataset(examples, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len,
+                        cache_mb=cfg.train.image_cache_mb)
     dataset.check_lengths(root / ("problems.json" if cfg.train.task == "scienceqa" else "dataset_coco.json"), log)
     return examples, dataset

@@ -4,7 +4,7 @@
                                validated before anything trains: a bad file raises DataError, one
                                line naming the file and the problem
   load_image, preprocess_image image file / PIL image -> (3, S, S) tensor, CLIP's preprocessing or the
-                               released code's
+                               released code's (image_pixels: the uint8 picture before normalising)
   VLDataset, collate           Examples -> token ids -> padded batches whose loss covers the answer only
 
 The same readers serve the real datasets and the committed toy ones in tiny_data/ (same layouts).
@@ -294,6 +294,11 @@ def preprocess_image(img: Image.Image, image_size: int, preprocess: str = "clip"
     "clip":   stock CLIP: short side to S (bicubic), center crop S x S, CLIP's mean/std (the default).
     "squash": the released code: S x S (bicubic, aspect ratio not kept), ImageNet mean/std.
     """
+    return normalize(image_pixels(img, image_size, preprocess), preprocess)
+
+
+def image_pixels(img: Image.Image, image_size: int, preprocess: str = "clip") -> np.ndarray:
+    """PIL image -> the (S, S, 3) uint8 picture the model sees, resized and cropped, before normalising."""
     img, S = img.convert("RGB"), image_size
     if preprocess == "clip":
         w, h = img.size
@@ -302,33 +307,47 @@ def preprocess_image(img: Image.Image, image_size: int, preprocess: str = "clip"
         img = img.resize(size, Image.BICUBIC)
         left, top = int(round((size[0] - S) / 2.0)), int(round((size[1] - S) / 2.0))  # as CenterCrop(S)
         img = img.crop((left, top, left + S, top + S))
-        mean, std = CLIP_MEAN, CLIP_STD
     elif preprocess == "squash":
         img = img.resize((S, S), Image.BICUBIC)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         raise ValueError(f"preprocess must be 'clip' or 'squash', got {preprocess!r}")
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)   # (3, S, S) in [0, 1]
+    return np.asarray(img)
+
+
+def normalize(pixels: np.ndarray, preprocess: str = "clip") -> torch.Tensor:
+    """(S, S, 3) uint8 -> (3, S, S) float32, less the mean, over the std (CLIP's, or ImageNet's for "squash")."""
+    mean, std = (CLIP_MEAN, CLIP_STD) if preprocess == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)          # (3, S, S) in [0, 1]
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def check_images(examples: list[Example]) -> None:
-    """Decode every image once (DataError on the first bad one), so training never starts on bad data."""
-    for path in dict.fromkeys(e.image for e in examples if e.image is not None):
+def check_images(examples: list[Example], decode_up_to: int = 10_000) -> bool:
+    """Decode every image once (DataError on the first bad one), so training never starts on bad data, when
+    there are at most `decode_up_to` of them (seconds). More (COCO's 113k: minutes in every process, past
+    NCCL's 10-minute timeout for the others) are only checked to exist (the readers did): a bad one is then a
+    one-line DataError naming it when training reads it. Returns whether every image was decoded."""
+    paths = list(dict.fromkeys(e.image for e in examples if e.image is not None))
+    if len(paths) > decode_up_to:
+        return False
+    for path in paths:
         _open(path)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokens and batches (method.md §7: loss on the answer tokens only, batch trimmed)
 
 class VLDataset(torch.utils.data.Dataset):
-    """Examples -> dict(tokens, n_prompt, image, has_image); images are preprocessed once and cached."""
+    """Examples -> dict(tokens, n_prompt, image, has_image). Decoded pictures are kept as uint8 (S, S, 3) up to
+    `cache_mb` per process (a DataLoader worker has its own), then no more are added: with a random order, a
+    cache that cannot hold the set saves only its share of decodes, and it never grows past its bound."""
 
     def __init__(self, examples: list[Example], tokenizer, image_size: int, preprocess: str = "clip",
-                 max_len: int = 512):
+                 max_len: int = 512, cache_mb: int = 0):
         self.examples, self.tok = examples, tokenizer
         self.image_size, self.preprocess, self.max_len = image_size, preprocess, max_len
-        self.cache: dict[Path, torch.Tensor] = {}
+        self.cache: dict[Path, np.ndarray] = {}
+        self.cache_room = cache_mb << 20                      # bytes still free in the cache
 
     def __len__(self):
         return len(self.examples)
@@ -336,9 +355,12 @@ class VLDataset(torch.utils.data.Dataset):
     def image(self, path: Path | None) -> torch.Tensor:
         if path is None:
             return torch.zeros(3, self.image_size, self.image_size)
-        if path not in self.cache:
-            self.cache[path] = load_image(path, self.image_size, self.preprocess)
-        return self.cache[path]
+        pixels = self.cache.get(path)
+        if pixels is None:
+            pixels = image_pixels(_open(path), self.image_size, self.preprocess)
+            if pixels.nbytes <= self.cache_room:
+                self.cache[path], self.cache_room = pixels, self.cache_room - pixels.nbytes
+        return normalize(pixels, self.preprocess)
 
     def check_lengths(self, source: Path, log=print) -> None:
         """Up front, before any work: every answer must fit in max_len (an error naming the item); items

@@ -22,6 +22,7 @@ from .config import LlamaConfig
 
 # memory(u) -> (B, T, D); called once per block, in order, so it can carry state (LSRM's M) down the stack
 MemoryBranch = Callable[[torch.Tensor], torch.Tensor]
+CACHE_ROOM = 64          # KV-cache positions past the prompt: ScienceQA's answer takes 4, a COCO caption up to 64
 
 
 class RMSNorm(nn.Module):
@@ -71,14 +72,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache_k: Optional[torch.Tensor] = None      # (B, KV, S, hd), allocated lazily on first use
         self.cache_v: Optional[torch.Tensor] = None
+        self.max_seq_len = cfg.max_seq_len
 
     def _cached(self, k, v, start_pos: int):
-        """Write k, v (B, KV, T, hd) at start_pos; return all keys/values up to start_pos + T."""
+        """Write k, v (B, KV, T, hd) at start_pos; return all keys/values up to start_pos + T. A new cache holds
+        the prompt plus CACHE_ROOM tokens (up to max_seq_len), so decoding that many never reallocates; past
+        that it grows by CACHE_ROOM at a time (doubling held twice the prompt's cache for a 4-token answer)."""
         B, _, T, _ = k.shape
         end = start_pos + T
         c = self.cache_k
         if c is None or c.shape[0] != B or c.device != k.device or c.dtype != k.dtype or c.shape[2] < end:
-            size = max(end, 2 * c.shape[2] if c is not None and c.shape[0] == B else 0, 64)
+            size = min(end + CACHE_ROOM, self.max_seq_len)          # forward() keeps end <= max_seq_len
             new_k = k.new_zeros(B, self.n_kv_heads, size, self.head_dim)
             new_v = torch.zeros_like(new_k)
             if c is not None and start_pos > 0:              # growing an existing cache: keep its contents
@@ -176,8 +180,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, memory: Optional[MemoryBranch] = None,
-                use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos.. -> logits (B, T, V) in fp32 ((B, 1, V) if last_only)."""
+                use_cache: bool = False, last_only: bool = False,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos.. -> logits (B, T, V) in fp32 ((B, 1, V) if last_only).
+
+        `positions` (n,), flat indices into B·T (training: the answer positions), gives their logits only,
+        (n, V): the others are never needed, and at 7B all of them in fp32 are ~1 GB (~4 GB with LLaMA-3's
+        128k vocabulary) per micro-batch, with as much again for their gradient."""
         B, T = tokens.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -185,8 +194,11 @@ class Transformer(nn.Module):
         freqs_cis = self.rope(start_pos, T, tokens.device)
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos, use_cache, memory)
-        h = self.norm(h[:, -1:] if last_only else h)
-        return F.linear(h, self.output_weight()).float()                 # (B, T, V)
+        if positions is not None:
+            h = h.reshape(B * T, -1).index_select(0, positions)          # (n, D)
+        elif last_only:
+            h = h[:, -1:]                                                # (B, 1, D)
+        return F.linear(self.norm(h), self.output_weight()).float()      # (B, T, V), (B, 1, V) or (n, V)
 
     def reset_cache(self):
         for layer in self.layers:

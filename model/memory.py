@@ -106,7 +106,9 @@ class InheritableCrossAttention:
         self.history: list[torch.Tensor] | None = None   # set to [] to record M after each block
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:  # u (B, T, D) -> (B, T, D)
-        k, v = self.k.to(u.dtype), self.v.to(u.dtype)
+        if self.k.dtype != u.dtype:                       # once, at the first block (bf16 under autocast): one copy
+            self.k, self.v = self.k.to(u.dtype), self.v.to(u.dtype)   # kept for backward, not one per block
+        k, v = self.k, self.v
         a = F.silu(u @ k.transpose(1, 2))                 # 13: α = SiLU(Q K^T), no 1/sqrt(d), no softmax  (B, T, N)
         if self.inheritable:
             if self.M is None:                            # 8: M = 1

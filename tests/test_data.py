@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from model.data import (CAPTION_PROMPT, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, DataError, VLDataset,
-                        check_images, collate, load_image, read_coco, read_scienceqa)
+                        check_images, collate, load_image, preprocess_image, read_coco, read_scienceqa)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -277,9 +277,47 @@ def test_dataset_items_and_left_truncation(sqa):
         assert it["image"].shape == (3, 32, 32) and it["has_image"] == float(e.image is not None)
         if e.image is None:
             assert not it["image"].any()
-    if any(e.image is not None for e in ex):
-        i = next(i for i, e in enumerate(ex) if e.image is not None)
-        assert ds[i]["image"] is ds[i]["image"]                   # cached after the first access
+    assert ds.cache == {}                                         # no cache unless asked for
+
+
+def test_image_cache_is_uint8_and_bounded(sqa):
+    """Decoded pictures are kept as uint8 up to cache_mb, then no more are added; a cached picture gives the
+    same tensor as a fresh decode."""
+    ex = [e for e in sqa["train"] if e.image is not None][:20]
+    ds = VLDataset(ex, TOK, 256, cache_mb=1)                       # 256 x 256 x 3 bytes: five fit in 1 MB
+    first = [ds[i]["image"] for i in range(len(ex))]
+    assert len(ds.cache) == 5 and all(p.dtype == np.uint8 and p.shape == (256, 256, 3) for p in ds.cache.values())
+    again = [ds[i]["image"] for i in range(len(ex))]
+    for i, e in enumerate(ex):
+        assert torch.equal(first[i], again[i]) and torch.equal(first[i], load_image(e.image, 256))
+
+
+@pytest.mark.parametrize("mode", ["clip", "squash"])
+def test_preprocessing_in_two_steps_is_bit_exact(mode):
+    """uint8 pixels then normalising gives the very floats of the one-step float32 formula (so a cached
+    picture changes no number)."""
+    img = Image.open(next(SQA.glob("images/train/*/image.png"))).convert("RGB").resize((40, 30))
+    mean, std = (CLIP_MEAN, CLIP_STD) if mode == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    x = preprocess_image(img, 24, mode)
+    if mode == "clip":
+        img = img.resize((32, 24), Image.BICUBIC).crop((4, 0, 28, 24))
+    else:
+        img = img.resize((24, 24), Image.BICUBIC)
+    one_step = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(x, (one_step - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+
+
+def test_large_sets_are_checked_when_read(tmp_path):
+    """Past check_images' limit pictures are not decoded up front (minutes at COCO's size); a corrupt one is a
+    one-line DataError naming it when it is read."""
+    root, problems, _ = scienceqa_slice(tmp_path)
+    pid = next(p for p in problems if problems[p]["image"])
+    path = root / "images" / "test" / pid / "image.png"
+    path.write_bytes(b"this is not a png" * 10)
+    examples = read_scienceqa(root, "test")
+    assert check_images(examples, decode_up_to=0) is False             # no decoding: no error yet
+    raises(lambda: check_images(examples), path, "not a readable image")
+    raises(lambda: VLDataset(examples, TOK, 32)[[e.id for e in examples].index(pid)], path, "not a readable image")
 
 
 def test_collate_supervises_only_the_answer(sqa):

@@ -169,6 +169,63 @@ def test_mixed_batch_runs_the_vit_only_on_images():
     torch.testing.assert_close(z[[0, 2]], alone)
 
 
+def test_logits_at_answer_positions_only():
+    """positions (flat indices into B·T) gives exactly those rows of the full logits, and nothing else."""
+    model = trained_like(build(tiny())).eval()
+    tokens, images = batch(model.cfg)
+    positions = torch.tensor([5, 6, 16, 17 + 3, 2 * 17 + 16])
+    with torch.no_grad():
+        full = model(tokens, images)                                              # (B, T, V)
+        some = model(tokens, images, positions=positions)                         # (n, V)
+    assert some.shape == (5, model.cfg.llama.vocab_size) and some.dtype == torch.float32
+    # the same rows, up to the matrix product's rounding (a GEMM over 5 rows may sum in another order than over 51)
+    torch.testing.assert_close(some, full.reshape(-1, full.shape[-1])[positions], atol=1e-5, rtol=1e-6)
+
+
+def test_memory_keys_and_values_are_cast_once_per_forward(monkeypatch):
+    """With bf16 frozen weights under autocast the first block casts K and V to bf16 and every later block
+    reuses that one copy (one per block, each kept for backward, was ~650 MB at 7B)."""
+    from model.vlm import cast_frozen
+    model = cast_frozen(build(tiny()), torch.bfloat16)
+    tokens, images = batch(model.cfg)
+    seen, call = [], InheritableCrossAttention.__call__
+    monkeypatch.setattr(InheritableCrossAttention, "__call__",
+                        lambda self, u: (seen.append((id(self.k), self.k.dtype)), call(self, u))[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens, images)
+    assert len(seen) == model.cfg.llama.n_layers and seen[0][1] == torch.float32       # Z + P1 from fp32 adapters
+    assert {dtype for _, dtype in seen[1:]} == {torch.bfloat16} and len({k for k, _ in seen[1:]}) == 1
+
+
+def test_kv_cache_holds_the_prompt_and_room_to_decode():
+    """A new cache holds the prompt plus CACHE_ROOM positions: decoding within them never reallocates (the
+    old doubling held twice the prompt's cache to add a few tokens)."""
+    from model.llama import CACHE_ROOM
+    model = build(tiny()).eval()
+    tokens, _ = batch(model.cfg, B=2, T=100)
+    attn = model.llama.layers[0].attention
+    with torch.no_grad():
+        model.llama(tokens, use_cache=True)
+        buffer = attn.cache_k
+        assert buffer.shape[2] == 100 + CACHE_ROOM
+        for t in range(100, 100 + CACHE_ROOM):
+            model.llama(tokens[:, :1], start_pos=t, use_cache=True)
+        assert attn.cache_k is buffer                                             # never reallocated
+        model.llama(tokens[:, :1], start_pos=100 + CACHE_ROOM, use_cache=True)
+        assert attn.cache_k.shape[2] == 100 + 2 * CACHE_ROOM + 1                  # then grows by CACHE_ROOM
+    model.llama.reset_cache()
+
+
+def test_has_image_on_the_cpu_decides_without_the_device():
+    """The trainer keeps has_image on the CPU (no device sync per micro-batch); the result is the same."""
+    model = trained_like(build(tiny())).eval()
+    tokens, images = batch(model.cfg)
+    flags = torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(images, flags), model.encode_images(images, flags.clone()))
+        assert torch.equal(model(tokens, images, flags), model(tokens, images, flags.to(images.device)))
+
+
 def test_colour_mask_finds_the_patches_of_a_painted_shape():
     from PIL import Image, ImageDraw
     from tools.visualize import colour_mask

@@ -123,15 +123,19 @@ def make_batch(cfg: Config, T: int, device, g: torch.Generator | None = None, ba
     return tokens, targets.to(device), images, torch.ones(batch, device=device)
 
 
-def train_step_fn(model: LSRM, batch, amp=contextlib.nullcontext):
-    """One PEFT step (forward under `amp()`, backward, AdamW) on `batch`; returns the loss."""
+def train_step_fn(model: LSRM, batch, amp=contextlib.nullcontext, answers_only: bool = False):
+    """One PEFT step (forward under `amp()`, backward, AdamW) on `batch`; returns the loss. answers_only: logits
+    at the answer positions only, as the trainer takes them (the speed rows keep every position's, as measured)."""
     model.train()
     opt = make_optimizer(model, model.cfg)
     tokens, targets, images, has_image = batch
+    positions = (targets.reshape(-1) != -100).nonzero()[:, 0] if answers_only else None
 
     def step():
         with amp():
-            loss = answer_loss_sum(model(tokens, images, has_image), targets) / 8 / tokens.shape[0]
+            logits = model(tokens, images, has_image, positions=positions)       # (B, T, V), or (n, V) answers only
+            loss = answer_loss_sum(logits, targets if positions is None else targets.reshape(-1)[positions])
+            loss = loss / 8 / tokens.shape[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -322,11 +326,14 @@ def step_check(cfg: Config, device: torch.device, dtype: torch.dtype, batch: int
     t0 = time.time()
     g = torch.Generator(device=device).manual_seed(0)
     model = random_frozen(cfg, device, dtype, g)
+    _sync(device)                                  # CUDA runs ahead of the clock: wait before reading it
     built = time.time() - t0
     data = make_batch(cfg, tokens, device, torch.Generator().manual_seed(1), batch)     # drawn on the CPU
-    step = train_step_fn(model, data, lambda: autocast(device, dtype))
+    step = train_step_fn(model, data, lambda: autocast(device, dtype), answers_only=True)
+    _sync(device)
     t1 = time.time()
     loss = step()
+    _sync(device)
     seconds = time.time() - t1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20            # KiB -> GiB (Linux)
     if device.type == "cuda":
