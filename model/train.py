@@ -535,8 +535,8 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     t0, first = time.time(), step
     last_loss, saved, interrupted = float("nan"), step, False
     end = total if stop_after is None else min(total, stop_after)
-    data = make_loader(dataset, collate, cfg, rank, world, step, end, device)
-    loader, per_step, quiet = iter(data), data.sampler.per_step, data.worker_init_fn   # quiet: None without workers
+    feed = make_loader(dataset, collate, cfg, rank, world, step, end, device)
+    loader, per_step, quiet = iter(feed), feed.sampler.per_step, feed.worker_init_fn   # quiet: None without workers
     with StopOnInterrupt() as interrupt, contextlib.ExitStack() as after:
         if quiet is not None:
             after.callback(quiet.over)         # however the loop ends, SIGTERM may end the workers again
