@@ -208,12 +208,16 @@ def read_coco(root: str | Path, split: str, log=print) -> list[Example]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{file}: expected an object with an \"images\" list")
     examples, blank = [], 0
+    known = {name for names in COCO_SPLITS.values() for name in names}
     for i, entry in enumerate(data["images"]):
         if not isinstance(entry, dict):
             raise DataError(f"{file}: images[{i}] is not an object")
         for key in ("filepath", "filename", "split", "sentences"):
             if key not in entry:
                 raise DataError(f"{file}: images[{i}] is missing field {key!r}")
+        if entry["split"] not in known:        # a misspelt split would silently shrink (or empty) another
+            raise DataError(f"{file}: images[{i}] has split {entry['split']!r}; Karpathy's splits are "
+                            f"{', '.join(sorted(known))}")
         if entry["split"] not in COCO_SPLITS[split]:
             continue
         image_id = str(entry.get("cocoid", entry.get("imgid", i)))

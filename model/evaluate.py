@@ -23,6 +23,7 @@ import torch
 
 from .assemble import make_dataset
 from .data import Example, VLDataset, scienceqa_prompt
+from .train import write_atomically
 from .metrics import (MIN_GAP, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
                       generation_metrics, generation_table, parse_answer, parse_generated, scienceqa_metrics,
                       solution_text, type_metrics)
@@ -250,6 +251,9 @@ def report(cfg, result: dict) -> str:
 
 def save(result: dict, path: Path, records: Path | None = None) -> None:
     """The result without its per-item records as JSON to `path`; the records, one JSON line each, to `records`."""
-    Path(path).write_text(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
+    # atomically: a full disk leaves the old file (or none), never half a JSON file
+    summary = json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1)
+    write_atomically(Path(path), lambda tmp: tmp.write_text(summary))
     if records is not None:
-        Path(records).write_text("".join(json.dumps(r) + "\n" for r in result["records"]))
+        lines = "".join(json.dumps(r) + "\n" for r in result["records"])
+        write_atomically(Path(records), lambda tmp: tmp.write_text(lines))

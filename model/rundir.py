@@ -60,6 +60,19 @@ def check_resumable(out: Path, cfg: C.Config, data: dict) -> None:
                         f"{cfg.train.epochs}): nothing to continue; evaluate it with python lsrm.py eval --ckpt {path}")
 
 
+_held: set[int] = set()                          # the lock descriptors this process holds
+
+
+def _close_held_in_child() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextlib.contextmanager
 def hold_run_dir(out: Path, log=print):
     """One run per directory: OUT/lock names the process writing there while it runs (an flock, which the
@@ -93,9 +106,13 @@ def hold_run_dir(out: Path, log=print):
         log(f"note: {path}: taking over the lock of a run that is gone ({gone})")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    # A forked child (a DataLoader worker) shares the lock through its copy of fd and would hold it for a while
+    # after this process is killed: each child closes its copy at once (closing, not unlocking, keeps ours).
+    _held.add(fd)
     try:
         yield
     finally:
+        _held.discard(fd)
         path.unlink(missing_ok=True)
         os.close(fd)
         if made and not any(out.iterdir()):

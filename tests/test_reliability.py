@@ -162,11 +162,13 @@ def test_a_full_disk_at_a_checkpoint_simulated(tmp_path, monkeypatch):
 def test_a_results_file_that_cannot_be_written_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
     def disk_full(self, *a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    (tmp_path / "m.json").write_text('{"old": 1}')              # an earlier evaluation's results
     monkeypatch.setattr(Path, "write_text", disk_full)
     code, out, err = main(capsys, "eval", "--ckpt", run_dir / "checkpoint.pt", "--split", "minitest", "--no-bounds",
                           "--out", tmp_path / "m.json")
     assert code == 2 and one_line(err, f"{tmp_path / 'm.json'}: cannot be written (No space left on device)")
     assert "Avg" in out                                     # the results were printed before
+    assert (tmp_path / "m.json").read_bytes() == b'{"old": 1}' and os.listdir(tmp_path) == ["m.json"]   # kept whole
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ def test_overwrite_killed_before_its_first_checkpoint_leaves_nothing_of_the_old_
     class Killed(BaseException):
         pass
     ds, col, cfg = tiny_training()
+    cfg.train.workers = 0                  # the kill below is raised in this process, as a real one would be
     out = tmp_path / "run"
     out.mkdir()
     for name in ("checkpoint.pt", "log.jsonl", "metrics.json", "predictions.jsonl"):
@@ -523,10 +526,17 @@ def test_coco_files_accepted_silently_or_with_a_traceback_before(tmp_path):
     root = coco_copy(tmp_path / "null", lambda images: images[0].update(filepath=None))
     with pytest.raises(DataError, match=r"dataset_coco\.json: image \d+ has filepath None and filename"):
         read_coco(root, "train")
-    root = coco_copy(tmp_path / "typo", lambda images: [im.update(split="vla") for im in images
-                                                         if im["split"] == "val"])
+    for typo, was in (("vla", "val"), ("trian", "train")):    # "trian" alone would leave restval to train on
+        root = coco_copy(tmp_path / typo, lambda images: [im.update(split=typo) for im in images
+                                                          if im["split"] == was])
+        for split in ("train", "val"):
+            with pytest.raises(DataError, match=rf"dataset_coco\.json: images\[\d+\] has split '{typo}'; "
+                                                r"Karpathy's splits are restval, test, train, val$"):
+                read_coco(root, split)
+    root = coco_copy(tmp_path / "none", lambda images: [im.update(split="test") for im in images
+                                                        if im["split"] == "val"])
     with pytest.raises(DataError, match=r"dataset_coco\.json: no image has split val; the splits found: "
-                                        r"restval, test, train, vla$"):
+                                        r"restval, test, train$"):
         read_coco(root, "val")
 
 
