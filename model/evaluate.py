@@ -22,9 +22,10 @@ from typing import Callable, Optional
 import torch
 
 from .assemble import make_dataset
-from .data import Example, VLDataset, scienceqa_prompt
+from .data import Example, VLDataset, collate, scienceqa_prompt
 from .train import write_atomically
-from .metrics import (MIN_GAP, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
+from .metrics import (MIN_GAP, NUMBER, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
+                      hop_metrics, hop_record, hop_table, solution_steps, step_kinds,
                       generation_metrics, generation_table, parse_answer, parse_generated, scienceqa_metrics,
                       solution_text, type_metrics)
 from .vlm import LSRM
@@ -150,9 +151,67 @@ def evaluate_scienceqa(model, dataset, examples, tokenizer, device, batch: int =
                   "n_choices": len(ex.info["choices"])}
         if prompt_format != "QCM-A":          # kept per item: later metrics read the solution's sentences
             solution, gold = solution_text(text), solution_text(ex.target)
-            record.update(solution=solution, gold_solution=gold, solution_match=solution == gold if gold else None)
+            record.update(solution=solution, gold_solution=gold, solution_match=solution == gold if gold else None,
+                          hops=hop_record(gold, solution, given(ex), pred == ex.info["answer"]) if gold else None)
         records.append(record)
     return scienceqa_metrics(records), records
+
+
+def given(ex: Example) -> str:
+    """What an item's question states (its question and hint): numbers there are not looked up (metrics.step_kinds)."""
+    return f"{ex.info.get('question', '')} {ex.info.get('hint', '')}"
+
+
+def fact_positions(ex: Example, tokenizer) -> list[tuple[int, int]]:
+    """Token spans [a, b) within the tokens of ex.target of each number its gold solution looks up (the fact
+    steps' new numbers, metrics.step_kinds), each with the space before it."""
+    steps = solution_steps(ex.target.split("The answer is", 1)[0])
+    seen, spans, at = set(NUMBER.findall(given(ex))), [], 0
+    for step, kind in zip(steps, step_kinds(steps, given(ex))):
+        at = ex.target.index(step, at)
+        for m in NUMBER.finditer(step):
+            if kind == "fact" and m.group() not in seen:
+                start, end = at + m.start(), at + m.end()
+                start -= ex.target[start - 1] == " "
+                spans.append((len(tokenizer.encode(ex.target[:start])), len(tokenizer.encode(ex.target[:end]))))
+        seen |= set(NUMBER.findall(step))
+    return spans
+
+
+@torch.no_grad()
+def fact_probe(model: LSRM, dataset, examples: list[Example], tokenizer, device, batch: int = 64) -> dict:
+    """The memory's read of each looked-up fact, teacher-forced: at every number a picture item's gold solution
+    looks up, is the model's next token that number, given the gold text before it? With each item's own
+    picture, and with the pictures shuffled among the items (each gets another's): {type: (% own, % shuffled)},
+    and "all". What the picture adds to a fact, apart from the decoder's guess from the question."""
+    model.eval()
+    wanted = []                                                    # (dataset index, type, [(pos, token)])
+    for i, ex in enumerate(examples):
+        if not ex.info["has_image"]:
+            continue
+        item, target = dataset[i], tokenizer.encode(ex.target)
+        start = item["n_prompt"]
+        checks = [(start + k, target[k]) for a, b in fact_positions(ex, tokenizer) for k in range(a, b)
+                  if start + k < len(item["tokens"]) and item["tokens"][start + k] == target[k]]
+        if checks:
+            wanted.append((i, ex.info["type"], checks))
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])     # type -> [right own, right shuffled, n]
+    for j in range(0, len(wanted), batch):
+        chunk = wanted[j:j + batch]
+        b = collate([dataset[i] for i, _, _ in chunk], tokenizer.pad_id)
+        tokens, images = b["tokens"].to(device), b["images"].to(device)
+        for k, imgs in enumerate((images, images.roll(1, 0))):      # own pictures; each item another's
+            if k == 1 and len(chunk) < 2:
+                continue
+            pred = model(tokens, imgs, b["has_image"].to(device)).argmax(-1)          # (B, T)
+            for row, (_, kind, checks) in enumerate(chunk):
+                right = all(int(pred[row, pos - 1]) == tok for pos, tok in checks)
+                for key in (kind, "all"):
+                    hits[key][k] += right
+        for _, kind, _ in chunk:
+            for key in (kind, "all"):
+                hits[key][2] += 1
+    return {k: (100.0 * r / n, 100.0 * s / n) for k, (r, s, n) in hits.items()}
 
 
 def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[list[Example]], object], tokenizer,
@@ -224,6 +283,11 @@ def evaluate(cfg, model: LSRM, tokenizer, split: str, device, data: str | None =
         img.update(blind=blind[0]["IMG"], oracle=oracle[0]["IMG"] if oracle else None)
         result["gap_closed"] = {k: gap_closed(t["acc"], t["blind"], t["oracle"])
                                 for k, t in {**by_type, "IMG": img}.items() if t["image"]}
+    if fmt != "QCM-A":                     # the solution read step by step, and the memory's read of each fact
+        result["hops"] = {name: hop_metrics(rs) for name, rs in
+                          (("LSRM", records), ("blind", blind[1] if bounds else None),
+                           ("oracle", oracle[1] if bounds and oracle else None)) if rs}
+        result["fact_probe"] = fact_probe(model, dataset, examples, tokenizer, device, cfg.train.eval_batch)
     return result
 
 
@@ -243,9 +307,21 @@ def report(cfg, result: dict) -> str:
             if gen.get(name):
                 out += (f"\n\n{name}: {gen['format']}, written from the prompt (at most {gen['gen_tokens']} new tokens)\n"
                         + generation_table(gen[name]))
+        for name, hops in result.get("hops", {}).items():
+            if hops.get("all", {}).get("facts") or hops.get("all", {}).get("derived_n"):
+                out += (f"\n\n{name}: the solution step by step" +
+                        (" (probe: teacher-forced facts with the own / shuffled pictures)" if name == "LSRM" else "") +
+                        "\n" + hop_table(hops, result.get("fact_probe") if name == "LSRM" else None))
         out += ("\nunparsed: no \"The answer is X\" with X an option (counted wrong); with sol.: items with a gold "
                 "solution; sol. =: share of those whose generated solution (the text before \"The answer is\", "
                 "whitespace collapsed) is the gold one; acc | = / acc | ≠: accuracy where it is / is not")
+        if result.get("hops"):
+            out += ("\nstep by step: facts: the gold solution's steps that look a number up; names: % of them written "
+                    "with the gold words; fact|nm: % of those with the number right too; deriv|f: % of the derived "
+                    "steps (a comparison) right where every fact is; ans|st: % of content answers right where every "
+                    "step before is; lett|ans: % of letters right where the content answer is; probe / shuffl.: "
+                    "teacher-forced, % of picture items whose looked-up numbers are all the model's next token, with "
+                    "their own / another item's picture")
     return out
 
 

@@ -180,6 +180,97 @@ def generation_table(metrics: dict) -> str:
     return "\n".join([head] + [row(k, by_type[k]) for k in order] + [row("all", metrics["all"])])
 
 
+# Hops: a step-wise solution read step by step (a step is a sentence). A step with a number stated neither in
+# the question and hint nor in an earlier step is a *fact* looked up (in the picture, or in the picture in
+# words); a step whose numbers were all stated before is *derived* (a comparison of two numbers); the last
+# step is the content answer ("So yes."); then the letter. Wording-free: it needs only sentences and numbers.
+
+NUMBER = re.compile(r"\d+")
+STEP_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def solution_steps(solution: str) -> list[str]:
+    """A solution's sentences: "The red shape is in row 2. 2 is less than 7. So no." -> three steps."""
+    return [s for s in STEP_END.split(solution.strip()) if s]
+
+
+def step_kinds(steps: list[str], given: str) -> list[str]:
+    """Each step's kind: "fact", "derived", "text" (no number) or "answer" (the last step); `given` is what
+    the question states (its question and hint: numbers there are not looked up)."""
+    seen, kinds = set(NUMBER.findall(given)), []
+    for i, step in enumerate(steps):
+        numbers = NUMBER.findall(step)
+        kinds.append("answer" if i == len(steps) - 1 else "fact" if any(n not in seen for n in numbers)
+                     else "derived" if numbers else "text")
+        seen |= set(numbers)
+    return kinds
+
+
+def hop_record(gold: str, written: str, given: str, correct: bool) -> dict:
+    """One item's hops, its written solution against the gold one, step by step:
+    facts         the gold's fact steps;  names: those written with the same words (numbers aside);
+    facts_right   those written exactly (the looked-up number right too);
+    derived / derived_right   derived steps and those right, counted only where every fact is right;
+    answer        the content answer step right, where every earlier step is (None where one is not);
+    letter        the letter right, where the content answer step is right (None where it is not)."""
+    g, w = solution_steps(gold), solution_steps(written)
+    kinds = step_kinds(g, given)
+    at = lambda i: w[i] if i < len(w) else ""
+    right = [at(i) == step for i, step in enumerate(g)]
+    facts = [i for i, k in enumerate(kinds) if k == "fact"]
+    derived = [i for i, k in enumerate(kinds) if k == "derived"] if all(right[i] for i in facts) else []
+    return {"facts": len(facts), "names": sum(NUMBER.sub("#", at(i)) == NUMBER.sub("#", g[i]) for i in facts),
+            "facts_right": sum(right[i] for i in facts), "derived": len(derived),
+            "derived_right": sum(right[i] for i in derived),
+            "answer": right[-1] if g and all(right[:-1]) else None,
+            "letter": bool(correct) if g and right[-1] else None}
+
+
+def hop_metrics(records) -> dict[str, dict]:
+    """Per question type (and "all"), from records with a "hops" entry (hop_record), in percent:
+    names (of fact steps), fact | name (of those with the names right, the number right too), derived | facts,
+    answer | steps, letter | answer; with the counts each is a share of."""
+    groups: dict[str, list] = {"all": []}
+    for r in records:
+        if r.get("hops"):
+            groups.setdefault(r["type"], []).append(r)
+            groups["all"].append(r)
+
+    def pct(a, b):
+        return 100.0 * a / b if b else None
+
+    out = {}
+    for k, rs in groups.items():
+        h = [r["hops"] for r in rs]
+        total = {f: sum(x[f] for x in h) for f in ("facts", "names", "facts_right", "derived", "derived_right")}
+        answers = [x["answer"] for x in h if x["answer"] is not None]
+        letters = [x["letter"] for x in h if x["letter"] is not None]
+        out[k] = {"n": len(rs), "image": any(r["has_image"] for r in rs), "facts": total["facts"],
+                  "names": pct(total["names"], total["facts"]), "fact": pct(total["facts_right"], total["names"]),
+                  "derived_n": total["derived"], "derived": pct(total["derived_right"], total["derived"]),
+                  "answer_n": len(answers), "answer": pct(sum(answers), len(answers)),
+                  "letter_n": len(letters), "letter": pct(sum(letters), len(letters))}
+    return out
+
+
+def hop_table(hops: dict[str, dict], probe: dict | None = None) -> str:
+    """`hop_metrics` as a fixed-width table (picture types first); `probe` adds the teacher-forced fact
+    columns: {type: (% with the true pictures, % with shuffled ones)}."""
+    width = max([len(t) for t in hops] + [28])
+    head = (f"{'question type':{width}} {'n':>5} {'facts':>6} {'names':>7} {'fact|nm':>8} {'deriv|f':>8} "
+            f"{'ans|st':>7} {'lett|ans':>8}" + (f" {'probe':>7} {'shuffl.':>7}" if probe else ""))
+    rows = [head]
+    for k in sorted((k for k in hops if k != "all"), key=lambda k: (not hops[k]["image"], k)) + ["all"]:
+        m = hops[k]
+        row = (f"{k:{width}} {m['n']:>5} {m['facts']:>6} {_cell(m['names']):>7} {_cell(m['fact']):>8} "
+               f"{_cell(m['derived']):>8} {_cell(m['answer']):>7} {_cell(m['letter']):>8}")
+        if probe:
+            true, shuffled = probe.get(k, (None, None))
+            row += f" {_cell(true):>7} {_cell(shuffled):>7}"
+        rows.append(row)
+    return "\n".join(rows)
+
+
 def mean_std(values: list[float], digits: int = 2) -> str:
     """"mean ± sample std" of several seeds' numbers; one number alone; "-" for none."""
     if len(values) > 1:

@@ -296,3 +296,83 @@ def test_an_unknown_format_is_a_one_line_error(tmp_path):
     assert r.returncode == 2 and r.stderr == ("error: train.prompt_format must be one of QCM-A, QCM-EA, QCM-LEA, "
                                               "got 'QCM-AE'\n")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The solution step by step (hops) and the teacher-forced read of each looked-up fact
+
+from model.evaluate import fact_positions, fact_probe                      # noqa: E402
+from model.metrics import hop_metrics, hop_record, hop_table, solution_steps, step_kinds  # noqa: E402
+
+STEPWISE = "The left jar holds 4. The right jar holds 9. 4 is less than 9. So the right jar."
+
+
+def test_steps_and_their_kinds():
+    steps = solution_steps(STEPWISE)
+    assert steps == ["The left jar holds 4.", "The right jar holds 9.", "4 is less than 9.", "So the right jar."]
+    assert step_kinds(steps, "Which jar holds more?") == ["fact", "fact", "derived", "answer"]
+    # a number the question or hint states is not looked up; a step with no number is text
+    assert step_kinds(["The left jar holds 4.", "Jars hold marbles.", "So 4."], "It holds 4 or 5.") == \
+        ["derived", "text", "answer"]
+
+
+@pytest.mark.parametrize("written, expected", [
+    (STEPWISE, dict(facts=2, names=2, facts_right=2, derived=1, derived_right=1, answer=True, letter=True)),
+    # the second fact's number wrong: its name still copied; nothing after it is scored
+    ("The left jar holds 4. The right jar holds 3. 4 is more than 3. So the left jar.",
+     dict(facts=2, names=2, facts_right=1, derived=0, derived_right=0, answer=None, letter=None)),
+    # facts right, the comparison wrong: the answer is not scored, the letter is where the answer is right
+    ("The left jar holds 4. The right jar holds 9. 4 is more than 9. So the right jar.",
+     dict(facts=2, names=2, facts_right=2, derived=1, derived_right=0, answer=None, letter=True)),
+    ("So the right jar.", dict(facts=2, names=0, facts_right=0, derived=0, derived_right=0, answer=None, letter=None)),
+])
+def test_hop_record(written, expected):
+    assert hop_record(STEPWISE, written, "Which jar holds more?", correct=True) == expected
+
+
+def test_hop_metrics_and_table():
+    records = [dict(type="jars", has_image=True, hops=hop_record(STEPWISE, w, "Which jar holds more?", c))
+               for w, c in [(STEPWISE, True), (STEPWISE, False), (STEPWISE.replace("holds 9", "holds 3"), False)]]
+    records.append(dict(type="words", has_image=False, hops=None))            # no gold solution: not counted
+    m = hop_metrics(records)
+    assert set(m) == {"jars", "all"} and m["jars"]["facts"] == 6 and m["jars"]["names"] == 100
+    assert m["jars"]["fact"] == pytest.approx(500 / 6) and m["jars"]["derived"] == 100 and m["jars"]["letter"] == pytest.approx(100 / 3)
+    table = hop_table(m, {"jars": (75.0, 25.0), "all": (75.0, 25.0)})
+    assert table.splitlines()[1].split()[-2:] == ["75.00", "25.00"]
+
+
+def test_fact_positions_are_the_looked_up_numbers():
+    from model.tokenizer import WordTokenizer
+    info = dict(question="Which jar holds more?", hint="")
+    ex = Example("0", "Question: ?\nResponse:", f" {STEPWISE} The answer is B.", None, info)
+    for tok in (TOK, WordTokenizer(ROOT / "tiny_data" / "words.txt")):
+        ids = tok.encode(ex.target)
+        assert [tok.decode(ids[a:b]) for a, b in fact_positions(ex, tok)] == [" 4", " 9"]
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in model whose next token is always right, with its own pictures only (`needs_picture`)."""
+
+    def __init__(self, needs_picture: bool):
+        super().__init__()
+        self.needs_picture, self.own = needs_picture, None
+
+    def forward(self, tokens, images, has_image):
+        logits = torch.full((*tokens.shape, 300), -1.0)
+        logits[:, :-1].scatter_(-1, tokens[:, 1:, None], 1.0)
+        if self.needs_picture and self.own is not None and not torch.equal(images, self.own):
+            logits = logits.roll(1, -1)                                    # another picture: every token wrong
+        self.own = images if self.own is None else self.own
+        return logits
+
+
+def test_fact_probe_separates_the_pictures_own_read(tmp_path):
+    examples = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(path)
+        info = dict(question="Which jar holds more?", hint="", has_image=True, type="jars")
+        examples.append(Example(str(i), "Question: ?\nResponse:", f" {STEPWISE} The answer is B.", path, info))
+    dataset = VLDataset(examples, TOK, 8)
+    assert fact_probe(Oracle(False), dataset, examples, TOK, "cpu") == {"jars": (100.0, 100.0), "all": (100.0, 100.0)}
+    assert fact_probe(Oracle(True), dataset, examples, TOK, "cpu") == {"jars": (100.0, 0.0), "all": (100.0, 0.0)}
