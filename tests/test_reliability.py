@@ -206,7 +206,7 @@ def test_two_train_commands_into_one_directory(tmp_path, capsys):
     """Run A holds its directory: run B is refused in one line; A killed (-9), its stale lock is taken over."""
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "lsrm.py"), "train", "--out", str(out), *QUICK, "--set", "train.epochs=200",
-            "--set", "train.ckpt_every=1", "--no-eval"]
+            "--set", "train.ckpt_every=1", "--set", "train.workers=2", "--no-eval"]   # workers: forks sharing the lock
     a = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env={**CHILD_ENV, "PYTHONUNBUFFERED": "1"})
     try:
