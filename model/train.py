@@ -186,6 +186,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())           # on disk before the rename: a power cut leaves the old file or the new
         os.replace(tmp, path)
     except OSError as e:                   # named by the file meant, not by its temporary
+        if e.errno is None:
+            raise
         raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
