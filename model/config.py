@@ -1,7 +1,7 @@
 """Configuration: one dataclass per component, and the named presets.
 
 `tiny` is CPU-sized (seconds per step); the other presets are the paper's eight backbones, each with
-CLIP ViT-L/14, with the true architecture numbers (method.md §2-§6). Every full preset can be built on
+CLIP ViT-L/14, with the true architecture numbers. Every full preset can be built on
 the meta device (`model.vlm.build(cfg, device="meta")`) to count parameters without any weights.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ class LlamaConfig:
 
 @dataclass
 class LSRMConfig:
-    """The visual memory (MemVP) and LSRM's three switches (method.md §4-§5).
+    """The visual memory (MemVP) and LSRM's three switches.
 
     The Table-5 ladder:  baseline  taps=[-2], proj_hidden=128, srproj=False, inheritable=False
                          + fusion  taps=[mid, -2], proj_hidden=64
@@ -139,7 +139,7 @@ class LSRMConfig:
     feature_scale: float = 0.01      # fixed scale on projected features (released code)
     dropout: float = 0.1             # dropout on the memory attention scores
     # the first epoch (counted from 0) with inheritable CA on. The paper's "switch at epoch 14" of 20 is
-    # shift_epoch=15: epochs 0..14 train without M, 15..19 with it (method.md §5)
+    # shift_epoch=15: epochs 0..14 train without M, 15..19 with it
     shift_epoch: int = 15
 
     def __post_init__(self):
@@ -160,7 +160,7 @@ PROMPT_FORMATS = ("QCM-A", "QCM-EA", "QCM-LEA")    # question, context, options 
 
 @dataclass
 class TrainConfig:
-    """The fine-tuning recipe (method.md §7) and where the data and backbones come from."""
+    """The fine-tuning recipe and where the data and backbones come from."""
     task: str = "scienceqa"          # scienceqa | coco
     data: str = "tiny_data/scienceqa"
     limit: int = 0                   # use only the first N training items (0: all); for smoke runs

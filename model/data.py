@@ -1,4 +1,4 @@
-"""Data: ScienceQA and COCO-Karpathy readers, prompts, image preprocessing, batching (method.md §8-§9).
+"""Data: ScienceQA and COCO-Karpathy readers, prompts, image preprocessing, batching.
 
   read_scienceqa / read_coco   files -> list[Example] (prompt, target, image path, info for metrics),
                                validated before anything trains: a bad file raises DataError, one
@@ -51,7 +51,7 @@ def _load_json(path: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# ScienceQA (method.md §8)
+# ScienceQA
 
 SCIENCEQA_FIELDS = ("question", "choices", "answer", "hint", "image", "grade", "subject", "split")
 
@@ -72,7 +72,7 @@ def scienceqa_target(answer: int, prompt_format: str = "QCM-A", lecture: str = "
         raise ValueError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     # The released code joins prompt and answer with no space ("Response:The answer is A."); we keep
     # the space a reader (and a tokenizer's word boundaries) expects. QCM-A's evaluation decodes after
-    # "...Response: The answer is" and reads the first capital letter (method.md §8).
+    # "...Response: The answer is" and reads the first capital letter.
     # ScienceQA's code writes each newline of a lecture or solution as a literal backslash-n (for GPT-3's
     # prompts); we keep the text's own newlines.
     parts = {"QCM-A": [], "QCM-EA": [solution], "QCM-LEA": [lecture, solution]}[prompt_format]
@@ -190,7 +190,7 @@ def _check_problem(p, pid: str, file: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# COCO Captions, Karpathy split (method.md §9)
+# COCO Captions, Karpathy split
 
 CAPTION_PROMPT = "Instruction: Summarize the visual content of the image.\nResponse:"
 COCO_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
@@ -252,7 +252,7 @@ def read_coco(root: str | Path, split: str, log=print) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Images (method.md §2, "Preprocessing")
+# Images
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -339,7 +339,7 @@ def check_images(examples: list[Example], decode_up_to: int = 10_000) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokens and batches (method.md §7: loss on the answer tokens only, batch trimmed)
+# Tokens and batches (loss on the answer tokens only, batch trimmed)
 
 class VLDataset(torch.utils.data.Dataset):
     """Examples -> dict(tokens, n_prompt, image, has_image). Decoded pictures are kept as uint8 (S, S, 3) up to

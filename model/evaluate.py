@@ -1,6 +1,6 @@
 """Greedy generation with the KV cache, and evaluation on ScienceQA (accuracy table) and COCO (BLEU/CIDEr).
 
-ScienceQA (method.md §8): the model reads the prompt followed by " The answer is" and decodes greedily;
+ScienceQA: the model reads the prompt followed by " The answer is" and decodes greedily;
 the first capital letter of the continuation is the answer. In the formats that write a lecture or solution
 first (train.prompt_format QCM-EA, QCM-LEA), the model continues the prompt itself, each row until EOS, its
 answer sentence ("The answer is X.") or the token budget (train.gen_tokens); the letter is read from its

@@ -1,4 +1,4 @@
-"""LLaMA-family decoder, written from scratch (method.md §3): LLaMA-1/2, Vicuna, LLaMA-3.x.
+"""LLaMA-family decoder, written from scratch: LLaMA-1/2, Vicuna, LLaMA-3.x.
 
 RMSNorm, rotary embeddings in Meta's convention (adjacent pairs rotate together, theta and LLaMA-3.1
 frequency scaling configurable), grouped-query attention through `F.scaled_dot_product_attention`,

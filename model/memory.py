@@ -1,4 +1,4 @@
-"""The visual memory (MemVP) and LSRM's three components (paper §3, method.md §4-§5).
+"""The visual memory (MemVP) and LSRM's three components (paper §3).
 
     feats_l (B, P, Dv) for each tapped ViT layer l                     VisualMemory.encode
       -> SRProj_l                      one projector per layer            eq. 3.2.2   Projector

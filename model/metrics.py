@@ -1,4 +1,4 @@
-"""Evaluation metrics: ScienceQA accuracy by category (method.md §8) and COCO-caption BLEU / CIDEr-D (§9).
+"""Evaluation metrics: ScienceQA accuracy by category and COCO-caption BLEU / CIDEr-D.
 
 ScienceQA: the model greedily continues "...Response: The answer is"; `parse_answer` reads the letter,
 `scienceqa_metrics` scores it in the paper's Table-1 columns NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg. In the
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
-# ScienceQA (method.md §8)
+# ScienceQA
 
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")   # paper Table 1 order
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
@@ -478,7 +478,7 @@ def cider_d(refs: dict[object, list[str]], hyps: dict[object, str], n: int = 4, 
 
 def caption_metrics(refs: dict[object, list[str]], hyps: dict[object, str]) -> dict[str, float]:
     """BLEU-1..4 and CIDEr on raw captions (tokenised here), ×100 as papers report them: the paper's
-    CIDEr 123.9 (method.md §9) is pycocoevalcap's 1.239."""
+    CIDEr 123.9 (the paper's) is pycocoevalcap's 1.239."""
     refs_t = {i: [tokenize(x) for x in rs] for i, rs in refs.items()}
     hyps_t = {i: tokenize(h) for i, h in hyps.items()}
     out = {f"BLEU-{k + 1}": 100 * b for k, b in enumerate(bleu(refs_t, hyps_t))}

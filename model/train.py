@@ -1,4 +1,4 @@
-"""Fine-tuning LSRM (method.md §7): the recipe, gradient accumulation, DDP, resumable checkpoints.
+"""Fine-tuning LSRM: the recipe, gradient accumulation, DDP, resumable checkpoints.
 
 - Loss: cross-entropy on the answer tokens only, averaged over the answer tokens of the whole effective
   batch (all micro-batches, all processes), so 1 process x 32 and 2 processes x 16 take the same step.

@@ -1,4 +1,4 @@
-"""CLIP-shaped vision encoder, written from scratch (method.md §2).
+"""CLIP-shaped vision encoder, written from scratch.
 
 The module names are those of openai/CLIP's `VisionTransformer` (`conv1`, `class_embedding`,
 `positional_embedding`, `ln_pre`, `transformer.resblocks.{i}.attn/ln_1/mlp/ln_2`, `ln_post`, `proj`),

@@ -1,4 +1,4 @@
-"""The whole model: frozen ViT -> trainable visual memory -> frozen LLaMA (method.md §1).
+"""The whole model: frozen ViT -> trainable visual memory -> frozen LLaMA.
 
 Only the adapters train: the ViT bottleneck adapters, the projectors (with Λ) and P1/P2.
 `build` makes a model on any device, including `meta` (no memory, for parameter counts and for

@@ -1,4 +1,4 @@
-"""Loading real checkpoints into the model (style.md principles 4-6).
+"""Loading real checkpoints into the model.
 
     vision (into `vit.VisionTransformer`, openai/CLIP's names)
       openai    ViT-L-14.pt TorchScript archive, or a plain state dict (.pt/.pth/.bin/.safetensors)

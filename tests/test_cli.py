@@ -297,7 +297,7 @@ def test_negative_max_new_tokens_is_refused(trained):
     assert r.returncode == 2 and r.stderr == "error: --max-new-tokens must be >= 0, got -3\n"
 
 
-# ---- interruptions and run directories (issue 10, items 3-4)
+# ---- interruptions and run directories
 
 def steps_logged(out):
     return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from model.vlm import build, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# method.md §6: P1/P2 (2·N·D) + two 64-wide SRProj projectors + 24 ViT adapters (589,824)
+# P1/P2 (2·N·D) + two 64-wide SRProj projectors + 24 ViT adapters (589,824)
 PAPER_TRAINABLE = {"llama-7b": 3_875_072, "llama2-7b": 3_875_072, "vicuna-7b": 3_875_072,
                    "llama3.1-8b": 3_875_072, "llama-13b": 5_482_752, "llama2-13b": 5_482_752,
                    "llama3.2-1b": 2_298_112, "llama3.2-3b": 3_086_592}
@@ -46,7 +46,7 @@ def test_full_presets_build_on_meta_and_match_the_paper(name):
 
 
 def test_memvp_baseline_count():
-    # method.md §6: MemVP-7B 3,879,040 minus an 8,192-entry embedding the released code also counts
+    # MemVP-7B 3,879,040 minus an 8,192-entry embedding the released code also counts
     trainable, _ = counts(memvp(get_config("llama-7b")))
     assert trainable == 3_879_040 - 8_192
 

@@ -1,4 +1,4 @@
-"""The toy datasets and their readers (method.md §7-§9): determinism, layout, balance, prompts, batching,
+"""The toy datasets and their readers: determinism, layout, balance, prompts, batching,
 image preprocessing, and one loud, one-line DataError per kind of bad input."""
 import collections
 import json

@@ -347,7 +347,7 @@ def test_meta_shards_must_agree(llamas, tmp_path):
         load_llama(meta_model(Transformer, L2), d)
 
 
-# ---- damaged or missing files: one line naming the file and what is wrong (issue 10, items 1-2)
+# ---- damaged or missing files: one line naming the file and what is wrong
 
 def one_line(e, *names):
     message = str(e.value)

@@ -1,7 +1,7 @@
 """Generate the toy datasets under tiny_data/: `python tiny_data/make_tiny_data.py`.
 
 A stand-in for ScienceQA and COCO-Karpathy small enough to commit and to train on a CPU, written in
-exactly their file layouts (method.md §8-§9), so the same readers serve the toy and the real data.
+exactly their file layouts, so the same readers serve the toy and the real data.
 
 The toy world: 64x64 pictures on a plain light background holding 2-4 non-overlapping shapes, each a
 (colour, shape) pair from COLOURS x SHAPES, 14-18 px across so they survive the tiny ViT's resize to

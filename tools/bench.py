@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks (`python lsrm.py bench`): is LSRM as cheap as the paper says (method.md §10)?
+"""Speed and memory benchmarks (`python lsrm.py bench`): is LSRM as cheap as the paper says?
 
 Each row times two sides, A and B, and reports B / A:
 
