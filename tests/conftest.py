@@ -1,6 +1,8 @@
 """Shared test helpers."""
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # that differ in the last bits from the ones `python lsrm.py train` (2 threads) makes for the README's figures.
 os.environ["LSRM_CACHE"] = str(ROOT / "runs" / "test-cache")
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "LSRM_CACHE": os.environ["LSRM_CACHE"]}
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python lsrm.py ARGS` in a child process (output captured, one thread, the tests' backbone cache)."""
+    return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=CHILD_ENV)
 
 
 def need(package: str):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CHILD_ENV
+from conftest import CHILD_ENV, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tiny_data" / "scienceqa"
@@ -15,9 +15,7 @@ QUICK = ["--set", "train.pretrained=false", "--set", "train.limit=64", "--set", 
          "--set", "train.batch_size=16", "--set", "train.eval_split=minitest"]
 
 
-def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=CHILD_ENV)
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ solution (and the lecture) first. Targets, the fallback note, the loss over the 
 from generated text, the stop rule, solution metrics, and each format end to end on a small ScienceQA-format
 set written here (none of tiny_data's wording)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CHILD_ENV
+from conftest import run_cli
 from PIL import Image
 
 from model import get_config
@@ -246,9 +244,7 @@ def test_the_generation_budget():
 # ---------------------------------------------------------------------------------------------
 # Each format end to end: train + eval through the command line, random tiny backbones
 
-def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "lsrm.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=CHILD_ENV)
+run = run_cli
 
 
 @pytest.fixture(scope="module")
