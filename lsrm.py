@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from model import config as C
-from model.assemble import (UserError, data_fingerprint, load_config, make_dataset, make_tokenizer,
-                            model_from_checkpoint, model_from_config, resolve)
+from model.assemble import (data_fingerprint, load_config, make_dataset, make_tokenizer, model_from_checkpoint,
+                            model_from_config)
 from model.data import collate, load_image
+from model.errors import MissingPackage, UserError
 from model.evaluate import TextStream, evaluate, generate, report, save
+from model.paths import resolve
 from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
-from model.tokenizer import MissingPackage
 from model.train import check_precision, default_device, distributed, fmt_time, from_rank0, leave_group, train
 from model.vlm import build, param_groups
 

@@ -9,8 +9,7 @@ evaluate.py greedy decoding, evaluation, bounds metrics.py  ScienceQA table, BLE
 assemble.py a model from a config or a checkpoint, with its tokenizer and data
 
 Tools that use the model live beside it (tools/: benchmark, figures; tiny_data/: the toy world, the tiny
-backbones' pretraining, the ViT probe); nothing here imports them except assemble.py, which takes the tiny
-pretrained backbones from tiny_data/pretrain.py.
+backbones' pretraining, the ViT probe); nothing here imports them but one hook, assemble.tiny_backbones.
 """
 from .config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp, PRESETS  # noqa: F401
 from .vlm import LSRM, build  # noqa: F401

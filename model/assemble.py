@@ -20,18 +20,13 @@ from pathlib import Path
 import torch
 
 from . import config as C
-from .data import DataError, VLDataset, check_images, read_coco, read_scienceqa
-from .tokenizer import ByteTokenizer, MissingPackage
+from .data import VLDataset, check_images, read_coco, read_scienceqa
+from .errors import DataError, MissingPackage, UserError
+from .paths import resolve
+from .tokenizer import ByteTokenizer
 from .train import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
 from .vlm import LSRM, build, cast_frozen
 from .weights import load_own
-
-ROOT = Path(__file__).resolve().parents[1]          # the repository: tiny_data/, runs/
-
-
-class UserError(ValueError):
-    """Bad input from the user: printed as one line, no traceback."""
-
 
 def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
     try:
@@ -40,21 +35,6 @@ def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
         raise UserError(e.args[0]) from None
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-def resolve(path: str) -> Path:
-    """Relative data paths are relative to the working directory, else to the repository;
-    `pkg:NAME/FILE` is a file shipped inside an installed Python package."""
-    if path.startswith("pkg:"):
-        import importlib.util
-        name, _, rest = path[4:].partition("/")
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"{path}: the package {name!r} is not installed (pip install --no-deps "
-                            f"{name.replace('_', '-')})")
-        return Path(list(spec.submodule_search_locations)[0]) / rest
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else ROOT / p
 
 
 def make_tokenizer(cfg: C.Config):
@@ -71,6 +51,13 @@ def make_tokenizer(cfg: C.Config):
     if tok.vocab_size > cfg.llama.vocab_size:
         raise UserError(f"{path}: {tok.vocab_size} tokens, more than the decoder's vocab_size={cfg.llama.vocab_size}")
     return tok
+
+
+def tiny_backbones():
+    """tiny_data/pretrain.py, which pretrains and finds the tiny backbones: the one import of model/ from outside
+    it. It imports model/ but never this file, so no cycle forms (tests/test_imports.py checks both)."""
+    from tiny_data import pretrain
+    return pretrain
 
 
 def rank0_first(make):
@@ -98,8 +85,8 @@ def model_from_config(cfg: C.Config, device: torch.device, log=print) -> LSRM:
         elif cfg.vit != C.get_config("tiny").vit:
             raise UserError(f"config {cfg.name!r} needs train.vit_weights (its ViT is not the tiny one)")
         else:                                   # `small`: the tiny pretrained ViT + a real decoder
-            from tiny_data.pretrain import pretrained_vit
-            vit = {k[len("visual."):]: v for k, v in rank0_first(lambda: pretrained_vit(cfg, log=log)).items()}
+            vit = {k[len("visual."):]: v for k, v in
+                   rank0_first(lambda: tiny_backbones().pretrained_vit(cfg, log=log)).items()}
         return load_pretrained(cfg, vit, resolve(t.llm_weights), device=device, dtype=dtype)
     if not t.pretrained:
         torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
@@ -107,9 +94,9 @@ def model_from_config(cfg: C.Config, device: torch.device, log=print) -> LSRM:
     else:
         if cfg.name != "tiny":
             raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
-        from tiny_data.pretrain import pretrained_backbones
         model = build(cfg)
-        load_own(model, rank0_first(lambda: pretrained_backbones(cfg, make_tokenizer(cfg), log=log)), "tiny backbones")
+        load_own(model, rank0_first(lambda: tiny_backbones().pretrained_backbones(cfg, make_tokenizer(cfg), log=log)),
+                 "tiny backbones")
     return cast_frozen(model, dtype).to(device)
 
 

@@ -22,11 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import PROMPT_FORMATS       # QCM-A, QCM-EA, QCM-LEA
+from .errors import DataError            # '<file>: <problem>', one line
 from .metrics import SUBJECTS            # the three ScienceQA subjects, and their Table-1 columns
-
-
-class DataError(ValueError):
-    """A dataset file is missing or wrong. The message is one line: '<file>: <problem>'."""
 
 
 @dataclass

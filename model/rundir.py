@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from . import config as C
-from .assemble import UserError
+from .errors import UserError
 from .train import check_resume, load_checkpoint
 
 

@@ -5,6 +5,8 @@ and the attributes vocab_size, bos_id, eos_id, pad_id.
 """
 from __future__ import annotations
 
+from .errors import DataError, MissingPackage
+
 
 class ByteTokenizer:
     """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258 (259 spare: vocab 260, a multiple of 4)."""
@@ -43,11 +45,11 @@ class WordTokenizer(ByteTokenizer):
             except json.JSONDecodeError:
                 w = None
             if not isinstance(w, str) or not w:
-                raise ValueError(f"{path}: line {n} is not a JSON string")
+                raise DataError(f"{path}: line {n} is not a JSON string")
             words.append(w.encode("utf-8"))
         self.ids = {w: 259 + i for i, w in enumerate(words)}
         if len(self.ids) != len(words):
-            raise ValueError(f"{path}: the word list repeats a word")
+            raise DataError(f"{path}: the word list repeats a word")
         self.pieces = [bytes([i]) for i in range(256)] + [b""] * 3 + words     # id -> bytes
         self.vocab_size = len(self.pieces)
         self._split = re.compile(self.PATTERN).findall
@@ -69,10 +71,6 @@ class WordTokenizer(ByteTokenizer):
 # ---------------------------------------------------------------------------------------------
 # Real tokenizers, each behind an optional package. `decode` drops special tokens; `encode` reads the
 # special tokens' text (e.g. "<|im_start|>") as those tokens, so chat templates can be written as text.
-
-class MissingPackage(ImportError):
-    """An optional package a file format needs is not installed: one line naming it and its install command."""
-
 
 def need(module: str, what: str = "this tokenizer"):
     """Import an optional package, or say in one line which one to install."""
@@ -176,11 +174,11 @@ class HFTokenizer:
         def meta(key, default=None):
             return fields[key].contents() if key in fields else default
         if meta("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{path}: tokenizer.ggml.model is {meta('tokenizer.ggml.model')!r}; only 'gpt2' "
+            raise DataError(f"{path}: tokenizer.ggml.model is {meta('tokenizer.ggml.model')!r}; only 'gpt2' "
                              f"(byte-level BPE) is supported")
         pre = cls.GGUF_PRE.get(meta("tokenizer.ggml.pre", "default"))
         if pre is None:
-            raise ValueError(f"{path}: unknown tokenizer.ggml.pre {meta('tokenizer.ggml.pre')!r}; "
+            raise DataError(f"{path}: unknown tokenizer.ggml.pre {meta('tokenizer.ggml.pre')!r}; "
                              f"known: {', '.join(cls.GGUF_PRE)}")
         tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
         merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]   # byte-level tokens hold no space
@@ -212,10 +210,10 @@ def load_tokenizer(path):
     if p.is_dir():
         found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()]
         if not found:
-            raise ValueError(f"{p}: no tokenizer.json or tokenizer.model")
+            raise DataError(f"{p}: no tokenizer.json or tokenizer.model")
         p = found[0]
     if not p.is_file():
-        raise ValueError(f"{p}: no such tokenizer file")
+        raise DataError(f"{p}: no such tokenizer file")
     if p.suffix == ".txt":
         return WordTokenizer(p)
     if p.suffix == ".gguf":

@@ -34,17 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import Config
-from .data import DataError
+from .errors import CheckpointError, DataError, Diverged
 from .vlm import LSRM, adapter_state_dict, is_adapter
 
 CKPT_FORMAT = "lsrm-adapters-v1"
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or does not fit the model: one line naming the file."""
-
-
-class Diverged(ValueError):
-    """A non-finite loss or adapter weight: training stops at that step, saying which checkpoint is kept."""
 
 
 # What a run writes into its directory. A new run there (--overwrite) removes the old run's files first.

@@ -43,15 +43,12 @@ import torch
 import torch.nn as nn
 
 from .config import LlamaConfig, ViTConfig
+from .errors import WeightsError
 from .llama import RMSNorm, Transformer, rope_frequencies
 from .memory import VisualMemory
 from .tokenizer import need
 from .vit import BottleneckAdapter, VisionTransformer
 from .vlm import build, is_adapter, mark_only_adapters_trainable
-
-
-class WeightsError(ValueError):
-    """A checkpoint that does not fit the model; the message names the key or field and the file."""
 
 
 class Source(NamedTuple):

@@ -23,7 +23,7 @@ from PIL import Image
 import lsrm
 import model.train as T
 from model import get_config
-from model.assemble import UserError
+from model.errors import UserError
 from model.config import apply_overrides
 from model.data import DataError, VLDataset, collate, load_image, read_coco, read_scienceqa
 from model.llama import Transformer

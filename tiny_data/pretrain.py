@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.assemble import ROOT
 from model.config import Config, LlamaConfig, ViTConfig
 from model.data import preprocess_image
+from model.errors import CheckpointError, WeightsError
 from model.llama import Transformer
-from model.train import CheckpointError, atomic_save, autocast, write_atomically
-from model.weights import WeightsError, all_finite
+from model.paths import ROOT
+from model.train import atomic_save, autocast, write_atomically
+from model.weights import all_finite
 from model.vit import VisionTransformer
 
 from . import make_tiny_data as world                 # the toy world's generator

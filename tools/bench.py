@@ -34,8 +34,8 @@ from model.config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config,
 from model.evaluate import generate
 from model.memory import VisualMemory, lowest_mask, n_lowest
 from model.train import answer_loss_sum, make_optimizer
+from model.paths import ROOT
 from model.vit import VisionTransformer
-from model.assemble import ROOT
 from model.vlm import LSRM, build, mark_only_adapters_trainable
 
 BATCH, PROMPT, NEW_TOKENS = 4, 16, 16                 # batch everywhere; generation: prompt and new tokens
