@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ from model.assemble import (data_fingerprint, load_config, make_dataset, make_to
                             model_from_config)
 from model.data import collate, load_image
 from model.errors import MissingPackage, UserError
-from model.evaluate import TextStream, evaluate, generate, report, save
+from model.evaluate import evaluate, report, save
 from model.paths import resolve
 from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
 from model.train import check_precision, default_device, distributed, fmt_time, from_rank0, leave_group, train
@@ -39,6 +40,24 @@ from model.vlm import build, param_groups
 
 class Interrupted(Exception):
     """Ctrl-C: one line saying what was kept; exit status 130 (128 + SIGINT), as shells expect."""
+
+
+class TextStream:
+    """`LSRM.generate`'s on_token for one sequence: writes the text as soon as its tokens form whole characters
+    (a byte token may be half of one); `rest()` is whatever is left (an incomplete character shows as �)."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write, self.pending = tokenizer, write, []
+
+    def __call__(self, tok: torch.Tensor) -> None:
+        self.pending.append(int(tok[0]))
+        text = self.tokenizer.decode(self.pending)
+        if "\ufffd" not in text and int(tok[0]) != self.tokenizer.eos_id:
+            self.write(text)
+            self.pending.clear()
+
+    def rest(self) -> str:
+        return self.tokenizer.decode(self.pending)
 
 
 def check_image_arg(image: str | None) -> None:
@@ -99,7 +118,7 @@ def train_in(out: Path, args, cfg: C.Config, data: dict, rank: int, world: int, 
         log(f"stopped at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
             f"continue with --resume")
     elif rank == 0 and not args.no_eval:
-        result = evaluate(cfg, model, tokenizer, cfg.train.eval_split, device, log=log, loaded=evaluation,
+        result = evaluate(cfg, model, tokenizer, *evaluation, device, split=cfg.train.eval_split, log=log,
                           bounds=not args.no_bounds)
         result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
         print(report(cfg, result))
@@ -113,8 +132,8 @@ def cmd_eval(args) -> None:
         check_out_file(Path(args.out))
     device = default_device()
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set)
-    result = evaluate(cfg, model, tokenizer, args.split, device, data=args.data,
-                      bounds=not args.no_bounds)
+    examples, dataset = make_dataset(cfg, args.split, tokenizer, args.data)
+    result = evaluate(cfg, model, tokenizer, examples, dataset, device, split=args.split, bounds=not args.no_bounds)
     print(report(cfg, result))
     if args.out:
         save_results(result, Path(args.out))
@@ -130,7 +149,7 @@ def cmd_generate(args) -> None:
     tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=device)
     image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
     stream = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
-    generate(model, tokens, model.visual_memory(1, image), args.max_new_tokens, tokenizer.eos_id, on_token=stream)
+    model.generate(tokens, model.visual_memory(1, image), args.max_new_tokens, tokenizer.eos_id, on_token=stream)
     print(stream.rest())
 
 

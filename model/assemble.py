@@ -24,7 +24,7 @@ from .data import VLDataset, check_images, read_coco, read_scienceqa
 from .errors import DataError, MissingPackage, UserError
 from .paths import resolve
 from .tokenizer import ByteTokenizer
-from .train import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
+from .checkpoint import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
 from .vlm import LSRM, build, cast_frozen
 from .weights import load_own
 

@@ -353,6 +353,10 @@ class VLDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.examples)
 
+    def like(self, examples: list[Example]) -> "VLDataset":
+        """Other examples, made into tokens and pictures the same way (no cache): the bounds' prompts."""
+        return VLDataset(examples, self.tok, self.image_size, self.preprocess, self.max_len)
+
     def image(self, path: Path | None) -> torch.Tensor:
         if path is None:
             return torch.zeros(3, self.image_size, self.image_size)

@@ -1,4 +1,4 @@
-"""Greedy generation with the KV cache, and evaluation on ScienceQA (accuracy table) and COCO (BLEU/CIDEr).
+"""Evaluation on ScienceQA (accuracy table) and COCO (BLEU/CIDEr), by greedy decoding (`LSRM.generate`).
 
 ScienceQA: the model reads the prompt followed by " The answer is" and decodes greedily;
 the first capital letter of the continuation is the answer. In the formats that write a lecture or solution
@@ -21,9 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .assemble import make_dataset
-from .data import Example, VLDataset, collate, scienceqa_prompt
-from .train import write_atomically
+from .data import Example, collate, scienceqa_prompt
+from .checkpoint import write_atomically
 from .metrics import (MIN_GAP, NUMBER, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
                       hop_metrics, hop_record, hop_table, solution_steps, step_kinds,
                       generation_metrics, generation_table, parse_answer, parse_generated, scienceqa_metrics,
@@ -31,58 +30,6 @@ from .metrics import (MIN_GAP, NUMBER, answer_complete, bounds_table, caption_me
 from .vlm import LSRM
 
 ANSWER_PREFIX = " The answer is"
-
-
-@torch.no_grad()
-def generate(model: LSRM, tokens: torch.Tensor, z: torch.Tensor, max_new_tokens: int, eos_id: int,
-             on_token: Optional[Callable[[torch.Tensor], None]] = None,
-             stop: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
-    """Greedy decoding. tokens (B, T): prompts of equal length; z (B, N, D) their visual memory, or None for
-    the frozen decoder alone (no memory branch). A row ends at EOS, or once `stop` (given the row's new tokens
-    so far) says so; the batch ends when every row has, or after max_new_tokens."""
-    B, T = tokens.shape
-
-    def step(toks: torch.Tensor, pos: int) -> torch.Tensor:
-        if z is None:
-            return model.llama(toks, start_pos=pos, use_cache=True, last_only=True)
-        return model(toks, z=z, start_pos=pos, use_cache=True, last_only=True)
-
-    logits = step(tokens, 0)                                             # prefill (B, 1, V)
-    out = torch.empty(B, 0, dtype=torch.long, device=tokens.device)
-    done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-    for i in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)                                   # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        out = torch.cat([out, nxt[:, None]], 1)
-        if on_token is not None:
-            on_token(nxt)
-        done |= nxt == eos_id
-        if stop is not None:
-            for b in (~done).nonzero().flatten().tolist():
-                done[b] = stop(out[b].tolist())
-        if done.all() or T + i + 1 >= model.cfg.llama.max_seq_len:
-            break
-        logits = step(nxt[:, None], T + i)
-    model.llama.reset_cache()
-    return [[t for t in row if t != eos_id] for row in out.tolist()]
-
-
-class TextStream:
-    """`generate`'s on_token for one sequence: writes the text as soon as its tokens form whole characters
-    (a byte token may be half of one); `rest()` is whatever is left (an incomplete character shows as �)."""
-
-    def __init__(self, tokenizer, write: Callable[[str], None]):
-        self.tokenizer, self.write, self.pending = tokenizer, write, []
-
-    def __call__(self, tok: torch.Tensor) -> None:
-        self.pending.append(int(tok[0]))
-        text = self.tokenizer.decode(self.pending)
-        if "\ufffd" not in text and int(tok[0]) != self.tokenizer.eos_id:
-            self.write(text)
-            self.pending.clear()
-
-    def rest(self) -> str:
-        return self.tokenizer.decode(self.pending)
 
 
 def _by_length(prompts: list[list[int]], batch: int):
@@ -112,7 +59,7 @@ def run_generation(model: LSRM, dataset, tokenizer, prefix: str, max_new_tokens:
         has_image = torch.tensor([items[i]["has_image"] for i in idx], device=device, dtype=torch.float32)
         images = torch.stack([items[i]["image"] for i in idx]).to(device) if has_image.any() else None
         z = None if decoder_only else model.visual_memory(len(idx), images, has_image)
-        for i, ids in zip(idx, generate(model, tokens, z, max_new_tokens, tokenizer.eos_id, stop=stop)):
+        for i, ids in zip(idx, model.generate(tokens, z, max_new_tokens, tokenizer.eos_id, stop=stop)):
             outputs[i] = tokenizer.decode(ids)
         done += len(idx)
         if log is not None and (done == len(items) or time.time() - last_log > 5):
@@ -214,15 +161,16 @@ def fact_probe(model: LSRM, dataset, examples: list[Example], tokenizer, device,
     return {k: (100.0 * r / n, 100.0 * s / n) for k, (r, s, n) in hits.items()}
 
 
-def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[list[Example]], object], tokenizer,
-                     device, batch: int = 64, prompt_format: str = "QCM-A", gen_tokens: int = 0) -> dict:
+def scienceqa_bounds(model, examples: list[Example], dataset, tokenizer, device, batch: int = 64,
+                     prompt_format: str = "QCM-A", gen_tokens: int = 0) -> dict:
     """The frozen decoder alone on the same items: *blind* (the same prompt, no picture) and *oracle* (the
-    hint and the picture in words as the context), in the same format, generated and read the same way.
+    hint and the picture in words as the context), in the same format, generated and read the same way, each
+    prompt made into tokens as `dataset` (the items' own) makes them.
     {"blind": (metrics, records), "oracle": (..) or None, "why_no_oracle": str or None}. The oracle needs
     every picture item to carry a description."""
     text_only = [Example(ex.id, ex.prompt, ex.target, None, ex.info) for ex in examples]    # no image to load
     same = dict(decoder_only=True, prompt_format=prompt_format, gen_tokens=gen_tokens)
-    blind = evaluate_scienceqa(model, make_dataset(text_only), text_only, tokenizer, device, batch, **same)
+    blind = evaluate_scienceqa(model, dataset.like(text_only), text_only, tokenizer, device, batch, **same)
     pictures = [ex for ex in examples if ex.info["has_image"]]
     if not pictures or any(ex.info.get("description") is None for ex in pictures):
         return {"blind": blind, "oracle": None,
@@ -232,7 +180,7 @@ def scienceqa_bounds(model, examples: list[Example], make_dataset: Callable[[lis
                                                  " ".join(filter(None, [ex.info["hint"], ex.info["description"]]))),
                          ex.target, None, ex.info) if ex.info["has_image"] else
                  Example(ex.id, ex.prompt, ex.target, None, ex.info) for ex in examples]
-    oracle = evaluate_scienceqa(model, make_dataset(described), described, tokenizer, device, batch, **same)
+    oracle = evaluate_scienceqa(model, dataset.like(described), described, tokenizer, device, batch, **same)
     return {"blind": blind, "oracle": oracle, "why_no_oracle": None}
 
 
@@ -248,12 +196,12 @@ def evaluate_coco(model, dataset, examples, tokenizer, device, batch: int = 64, 
 # ---------------------------------------------------------------------------------------------
 # One split of a config's data, with the bounds, and its report
 
-def evaluate(cfg, model: LSRM, tokenizer, split: str, device, data: str | None = None, log=print, loaded=None,
+def evaluate(cfg, model: LSRM, tokenizer, examples: list[Example], dataset, device, *, split: str, log=print,
              bounds: bool = True) -> dict:
-    """Metrics of the fine-tuned model; for ScienceQA also per question type ("by_type"), answers not read
-    and solutions written ("generation") and, with `bounds`, the frozen decoder alone without the picture
-    ("blind") and with it in words ("oracle")."""
-    examples, dataset = loaded or make_dataset(cfg, split, tokenizer, data, log=log)
+    """Metrics of the fine-tuned model on `examples` (`dataset`: their tokens and pictures, as
+    assemble.make_dataset gives them; `split` names them in the result); for ScienceQA also per question type
+    ("by_type"), answers not read and solutions written ("generation") and, with `bounds`, the frozen decoder
+    alone without the picture ("blind") and with it in words ("oracle")."""
     if cfg.train.task != "scienceqa":
         metrics, records = evaluate_coco(model, dataset, examples, tokenizer, device, cfg.train.eval_batch, log=log)
         return {"split": split, "n": len(examples), "metrics": metrics, "records": records}
@@ -269,9 +217,7 @@ def evaluate(cfg, model: LSRM, tokenizer, split: str, device, data: str | None =
            "chance": 100.0 * sum(1 / r["n_choices"] for r in pictures) / len(pictures) if pictures else None}
     result["summary"] = {"IMG": img}
     if bounds:
-        b = scienceqa_bounds(model, examples, lambda exs: VLDataset(exs, tokenizer, cfg.vit.image_size,
-                             cfg.train.preprocess, cfg.train.max_len), tokenizer, device, cfg.train.eval_batch,
-                             fmt, budget)
+        b = scienceqa_bounds(model, examples, dataset, tokenizer, device, cfg.train.eval_batch, fmt, budget)
         blind, oracle = b["blind"], b["oracle"]
         result["generation"].update(blind=generation_metrics(blind[1]),
                                     oracle=generation_metrics(oracle[1]) if oracle else None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import config as C
 from .errors import UserError
-from .train import check_resume, load_checkpoint
+from .checkpoint import check_resume, load_checkpoint
 
 
 def check_writable(directory: Path, what: str) -> None:

@@ -7,10 +7,10 @@
 - Inheritable cross-attention switched on from `lsrm.shift_epoch`.
 - Every epoch sees a fresh permutation; the last incomplete batch is dropped, so every process takes
   the same number of equal micro-batches. DataLoader workers build them (`train.workers`) in that order.
-- Checkpoints hold only the trainable parameters, optimizer state, every process's RNG states, config and
-  step; they are written atomically (tmp file + rename) by rank 0, which alone reads them back and sends
-  them to the others (no shared filesystem needed for the run directory), and `resume` continues exactly
-  where the run stopped. Ctrl-C and SIGTERM (a cluster's preemption) finish the step in hand and checkpoint it.
+- Checkpoints (model/checkpoint.py) hold only the trainable parameters, optimizer state, every process's RNG
+  states, config and step; they are written atomically (tmp file + rename) by rank 0, which alone reads them
+  back and sends them to the others (no shared filesystem needed for the run directory), and `resume`
+  continues exactly where the run stopped. Ctrl-C and SIGTERM (a cluster's preemption) finish the step in hand and checkpoint it.
 - A non-finite loss stops the run before that step is taken, and no checkpoint with NaN or inf in it is
   written or loaded: the last good checkpoint stays.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import math
 import multiprocessing
@@ -33,19 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .checkpoint import (adapters_checkpoint, atomic_save, backbone_fingerprint, check_resume, load_adapters,
+                         load_checkpoint, write_atomically)
 from .config import Config
 from .errors import CheckpointError, DataError, Diverged
-from .vlm import LSRM, adapter_state_dict, is_adapter
-
-CKPT_FORMAT = "lsrm-adapters-v1"
+from .vlm import LSRM, adapter_state_dict
 
 
 # What a run writes into its directory. A new run there (--overwrite) removes the old run's files first.
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "metrics.json", "predictions.jsonl")
-# Options a resumed run may change: they move no number. Where the data is (its contents are checked by
-# fingerprint), how batches are built, how often it logs and checkpoints, how it is evaluated at the end.
-RESUME_FREE = ("train.data", "train.workers", "train.image_cache_mb", "train.check_images", "train.log_every",
-               "train.ckpt_every", "train.eval_split", "train.eval_batch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,32 +160,7 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary file in the same directory, then rename it to `path`: a crash never
-    leaves half a file (the rename is atomic), and a failed write leaves the old file and no temporary."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())           # on disk before the rename: a power cut leaves the old file or the new
-        os.replace(tmp, path)
-    except OSError as e:                   # named by the file meant, not by its temporary
-        if e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)                   # first: a full disk is then an OSError, not torch's "unexpected pos"
-    write_atomically(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
-
+# The run: its log, signals, workers, random states
 
 def keep_history(path: Path, step: int, log: Callable[[str], None] = print) -> None:
     """Drop the log.jsonl lines after `step` (the checkpoint resumed from): those steps run again. A last
@@ -259,83 +229,6 @@ class QuietWorkers:
 
     def over(self) -> None:
         self.running.value = 0
-
-
-def load_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported in one line
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path}: not an lsrm checkpoint (expected format {CKPT_FORMAT})")
-    return ckpt
-
-
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
-            out.append(f"{prefix}{k}")
-    return out
-
-
-def load_adapters(model: LSRM, ckpt: dict, path: Path) -> None:
-    """Put a checkpoint's trainable tensors into the model; every key and shape must match."""
-    want = adapter_state_dict(model)
-    got = ckpt["adapters"]
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); was it trained with a different config?")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in got:
-                if got[name].shape != p.shape:
-                    raise CheckpointError(f"{path}: {name} has shape {tuple(got[name].shape)}, "
-                                          f"the model expects {tuple(p.shape)}: a different config")
-                if not torch.isfinite(got[name]).all():
-                    raise CheckpointError(f"{path}: {name} holds NaN or inf: the run that wrote it diverged")
-                p.copy_(got[name])
-
-
-def check_resume(ckpt: dict, cfg: Config, path: Path, data: Optional[dict] = None, log=print) -> None:
-    """A checkpoint continues only the run it was written by: the same config (but RESUME_FREE) and, when
-    `data` (data fingerprint: {"files", "sha256"}) is given, the same training data."""
-    try:                                            # an older checkpoint's config, with today's defaults
-        then = Config.from_dict(ckpt["config"]).to_dict()
-    except (TypeError, ValueError, KeyError):
-        then = ckpt["config"]
-    diff = [k for k in config_diff(then, cfg.to_dict()) if k not in RESUME_FREE]
-    if diff:
-        raise CheckpointError(f"{path}: written with a different config ({', '.join(diff[:5])})")
-    if data is None:
-        return
-    if not ckpt.get("data"):
-        log(f"note: {path} records no fingerprint of its training data (an older checkpoint): not checked")
-    elif ckpt["data"]["sha256"] != data["sha256"]:
-        raise CheckpointError(f"{path}: trained on other data: {' / '.join(data['files'])} changed since "
-                              f"(sha256 {ckpt['data']['sha256'][:12]} then, {data['sha256'][:12]} now); resume "
-                              f"with the data it was trained on, or start a new run")
-
-
-def backbone_fingerprint(model: LSRM) -> list[float]:
-    """Two numbers that change when the frozen weights change (a checkpoint needs its own backbones): the sum
-    and the absolute sum of every frozen weight, accumulated in float64 over 4M-element chunks, so no copy of
-    a whole weight is made (a float64 copy of LLaMA-3's embedding alone is 4.2 GB). Computed once per run."""
-    s = a = 0.0
-    for name, p in model.named_parameters():
-        if not is_adapter(name):
-            for chunk in p.detach().reshape(-1).split(1 << 22):
-                s += torch.sum(chunk, dtype=torch.float64).item()
-                a += torch.sum(chunk.abs(), dtype=torch.float64).item()
-    return [s, a]
 
 
 def rng_states(device: torch.device) -> dict:
@@ -504,16 +397,12 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     def save(step: int):
         states = gather_to_rank0(rng_states(device))                       # every process takes part
         if rank == 0:
-            adapters = adapter_state_dict(model)
-            bad = next((k for k, v in adapters.items() if not torch.isfinite(v).all()), None)
+            bad = next((k for k, v in adapter_state_dict(model).items() if not torch.isfinite(v).all()), None)
             if bad is not None:
                 raise Diverged(f"step {step}: {bad} holds NaN or inf: training stopped; {kept()}")
             try:
-                atomic_save({"format": CKPT_FORMAT, "config": cfg.to_dict(), "step": step,
-                             "epoch": step / steps_per_epoch, "adapters": adapters,
-                             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "rng_states": states,
-                             "inheritable_used": model.inheriting, "data": data,
-                             "backbone": fingerprint}, ckpt_path)
+                atomic_save(adapters_checkpoint(cfg, model, step, step / steps_per_epoch, opt, states, data,
+                                                fingerprint), ckpt_path)
             except OSError as e:
                 raise CheckpointError(f"{ckpt_path}: cannot be written at step {step} ({e.strerror or e}); "
                                       f"{kept()}: make room, then continue with --resume") from None

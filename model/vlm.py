@@ -6,7 +6,7 @@ materialising real checkpoints without holding a 7B model twice).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -77,6 +77,42 @@ class LSRM(nn.Module):
         read = self.memory_read(z)
         return self.llama(tokens, start_pos=start_pos, memory=read, use_cache=use_cache, last_only=last_only,
                           positions=positions)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, z: Optional[torch.Tensor], max_new_tokens: int, eos_id: int,
+                 on_token: Optional[Callable[[torch.Tensor], None]] = None,
+                 stop: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
+        """Greedy decoding with the KV cache. tokens (B, T): prompts of equal length; z (B, N, D) their visual
+        memory, or None for the frozen decoder alone (no memory branch). A row ends at EOS, or once `stop`
+        (given the row's new tokens so far) says so; the batch ends when every row has, or after max_new_tokens.
+        on_token(next (B,)) sees each step's tokens. Returns each row's new tokens, EOS left out."""
+        B, T = tokens.shape
+
+        def step(toks: torch.Tensor, pos: int) -> torch.Tensor:
+            if z is None:
+                return self.llama(toks, start_pos=pos, use_cache=True, last_only=True)
+            return self(toks, z=z, start_pos=pos, use_cache=True, last_only=True)
+
+        try:
+            logits = step(tokens, 0)                                             # prefill (B, 1, V)
+            out = torch.empty(B, 0, dtype=torch.long, device=tokens.device)
+            done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+            for i in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1)                                   # (B,)
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                out = torch.cat([out, nxt[:, None]], 1)
+                if on_token is not None:
+                    on_token(nxt)
+                done |= nxt == eos_id
+                if stop is not None:
+                    for b in (~done).nonzero().flatten().tolist():
+                        done[b] = stop(out[b].tolist())
+                if done.all() or T + i + 1 >= self.cfg.llama.max_seq_len:
+                    break
+                logits = step(nxt[:, None], T + i)
+        finally:
+            self.llama.reset_cache()                     # however it ends: the next call starts a fresh cache
+        return [[t for t in row if t != eos_id] for row in out.tolist()]
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:

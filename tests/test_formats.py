@@ -14,7 +14,7 @@ from PIL import Image
 from model import get_config
 from model.config import apply_overrides
 from model.data import DataError, Example, VLDataset, collate, read_scienceqa, scienceqa_target
-from model.evaluate import evaluate_scienceqa, generate, generation_budget
+from model.evaluate import evaluate_scienceqa, generation_budget
 from model.metrics import answer_complete, generation_metrics, generation_table, parse_generated, solution_text
 from model.tokenizer import ByteTokenizer
 from model.vlm import build
@@ -187,14 +187,14 @@ def test_generation_metrics_on_hand_made_records():
 
 
 def test_each_row_stops_at_its_own_stop_rule():
-    """generate(stop=...): a row ends once its tokens so far satisfy the rule, the others go on; the tokens
+    """LSRM.generate(stop=...): a row ends once its tokens so far satisfy the rule, the others go on; the tokens
     before are exactly those of the unstopped run."""
     torch.manual_seed(0)
     model = build(get_config("tiny")).eval()
     tokens = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(1))
-    free = generate(model, tokens, None, 8, eos_id=0)
+    free = model.generate(tokens, None, 8, eos_id=0)
     mark = free[0][2]                                                    # row 0 stops after its third token
-    stopped = generate(model, tokens, None, 8, eos_id=0, stop=lambda ids: ids[-1] == mark)
+    stopped = model.generate(tokens, None, 8, eos_id=0, stop=lambda ids: ids[-1] == mark)
     for row, out in zip(free, stopped):
         cut = row.index(mark) + 1 if mark in row else len(row)
         assert out == row[:cut]

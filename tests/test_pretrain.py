@@ -14,7 +14,7 @@ from model import config as C
 from tiny_data import make_tiny_data as world
 from tiny_data import pretrain as P
 from model.tokenizer import WordTokenizer
-from model.train import CheckpointError
+from model.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = C.get_config("tiny")

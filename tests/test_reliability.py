@@ -23,15 +23,16 @@ from PIL import Image
 import lsrm
 import model.train as T
 from model import get_config
-from model.errors import UserError
+from model.checkpoint import load_checkpoint
 from model.config import apply_overrides
-from model.data import DataError, VLDataset, collate, load_image, read_coco, read_scienceqa
+from model.data import VLDataset, collate, load_image, read_coco, read_scienceqa
 from model.llama import Transformer
 from model.rundir import hold_run_dir
 from model.tokenizer import ByteTokenizer
-from model.train import CheckpointError, Diverged, load_checkpoint, train
+from model.errors import CheckpointError, DataError, Diverged, UserError, WeightsError
+from model.train import train
 from model.vlm import build
-from model.weights import WeightsError, load_llama
+from model.weights import load_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, COCO = ROOT / "tiny_data" / "scienceqa", ROOT / "tiny_data" / "coco"

@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from model import get_config
 from model import train as train_module
 from model.config import apply_overrides
-from model.data import DataError, VLDataset, collate, read_scienceqa
+from model.checkpoint import load_adapters, load_checkpoint, write_atomically
+from model.data import VLDataset, collate, read_scienceqa
+from model.errors import CheckpointError, DataError
 from model.tokenizer import ByteTokenizer
-from model.train import (CheckpointError, StepSampler, StopOnInterrupt, autocast, batch_indices, check_precision,
-                         ddp_wrap, distributed, get_lr, load_adapters, load_checkpoint, make_optimizer, rng_states,
-                         set_rng_states, train, write_atomically)
+from model.train import (StepSampler, StopOnInterrupt, autocast, batch_indices, check_precision, ddp_wrap,
+                         distributed, get_lr, make_optimizer, rng_states, set_rng_states, train)
 from model.vlm import adapter_state_dict, build, cast_frozen
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,8 +34,9 @@ from model.config import Config, LlamaConfig, ViTConfig
 from model.data import preprocess_image
 from model.errors import CheckpointError, WeightsError
 from model.llama import Transformer
+from model.checkpoint import atomic_save, write_atomically
 from model.paths import ROOT
-from model.train import atomic_save, autocast, write_atomically
+from model.train import autocast
 from model.weights import all_finite
 from model.vit import VisionTransformer
 

@@ -54,7 +54,7 @@ def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 
         trainable = sum(g["trainable"] for g in param_groups(model).values())
         train(c, model, train_set, lambda items: collate(items, tokenizer.pad_id), out / f"run{len(done)}",
               log=lambda *a: None, device=device)
-        r = evaluate(c, model, tokenizer, c.train.eval_split, device, log=None, loaded=test_data, bounds=False)
+        r = evaluate(c, model, tokenizer, *test_data, device, split=c.train.eval_split, log=None, bounds=False)
         done[key(c)] = {"metrics": r["metrics"], "by_type": r["by_type"], "trainable": trainable}
         spent += time.time() - t_run
         log(f"ablate {len(done)}/{len(todo)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "

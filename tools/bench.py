@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from model.config import Config, LlamaConfig, LSRMConfig, ViTConfig, get_config, memvp
-from model.evaluate import generate
 from model.memory import VisualMemory, lowest_mask, n_lowest
 from model.train import answer_loss_sum, make_optimizer
 from model.paths import ROOT
@@ -165,7 +164,7 @@ def bench_training_and_generation(cfg: Config, device, reps: int) -> list[dict]:
     with torch.no_grad():
         z_base = base.eval().encode_images(images, has_image)
         z_lsrm = lsrm.eval().encode_images(images, has_image)
-    gen = lambda m, z: lambda: generate(m, prompt, z, NEW_TOKENS, eos_id=-1)      # eos -1: never stops
+    gen = lambda m, z: lambda: m.generate(prompt, z, NEW_TOKENS, eos_id=-1)      # eos -1: never stops
     per_token = 1e3 / NEW_TOKENS
     note = f"prompt {PROMPT} + {NEW_TOKENS} new tokens, batch {BATCH}; time per token includes the prefill"
     r = compare(gen(base, z_base), gen(lsrm, z_lsrm), reps, device)

@@ -178,12 +178,12 @@ def draw_figures(model: LSRM, tokenizer, path: Path, prompt: str, out: Path, dev
     (mid-question, end of the question line, the answer's first and last token). Returns the answer and both
     PNGs' paths."""
     from model.data import load_image
-    from model.evaluate import ANSWER_PREFIX, generate
+    from model.evaluate import ANSWER_PREFIX
     cfg = model.cfg
     image = load_image(path, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
     prefix = ANSWER_PREFIX if cfg.train.task == "scienceqa" else ""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt + prefix)
-    answer = generate(model, torch.tensor([ids], device=device), model.visual_memory(1, image), 8, tokenizer.eos_id)[0]
+    answer = model.generate(torch.tensor([ids], device=device), model.visual_memory(1, image), 8, tokenizer.eos_id)[0]
     text = prompt + prefix + tokenizer.decode(answer)
     n = len(tokenizer.encode(text)) + 1                                   # + BOS
     q_end = len(tokenizer.encode(prompt.split("\n")[0])) + 1            # end of the question line
