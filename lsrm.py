@@ -27,14 +27,13 @@ from typing import Callable
 import torch
 
 from model import config as C
-from model.assemble import (data_fingerprint, load_config, make_dataset, make_tokenizer, model_from_checkpoint,
-                            model_from_config)
-from model.data import collate, load_image
+from model.assemble import data_fingerprint, load_config, make_dataset, make_tokenizer, model_from_checkpoint
+from model.data import load_image
 from model.errors import MissingPackage, UserError
 from model.evaluate import evaluate, report, save
-from model.paths import resolve
+from model.pipeline import run
 from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
-from model.train import check_precision, default_device, distributed, fmt_time, from_rank0, leave_group, train
+from model.train import check_precision, default_device, distributed, fmt_time, from_rank0, leave_group
 from model.vlm import build, param_groups
 
 
@@ -96,20 +95,11 @@ def cmd_train(args) -> None:
 
 
 def train_in(out: Path, args, cfg: C.Config, data: dict, rank: int, world: int, log, device) -> None:
-    """`train`, once its run directory is held: data, model, the loop, the evaluation."""
+    """`train`, once its run directory is held: the run (model/pipeline.py), then what it says."""
     t0 = time.time()
-    torch.manual_seed(cfg.train.seed)
-    tokenizer = make_tokenizer(cfg)
-    examples, dataset = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit, log=log)
-    evaluation = None if args.no_eval else from_rank0(                    # checked up front, by rank 0 that uses it
-        lambda: make_dataset(cfg, cfg.train.eval_split, tokenizer, log=log), share=False)
-    log(f"{len(examples)} training items from {resolve(cfg.train.data)}; config {cfg.name}; "
-        f"{world} process(es) on {device}")
-    model = model_from_config(cfg, device, log)
-    groups = param_groups(model)
-    log(f"trainable parameters: {sum(g['trainable'] for g in groups.values()):,}")
-    summary = train(cfg, model, dataset, lambda items: collate(items, tokenizer.pad_id), out,
-                    resume=args.resume, stop_after=args.stop_after, log=log, device=device, data=data)
+    done = run(cfg, out, device, resume=args.resume, stop_after=args.stop_after, evaluation=not args.no_eval,
+               bounds=not args.no_bounds, fingerprint=data, log=log)
+    summary, result = done["summary"], done["result"]
     if summary["interrupted"]:
         leave_group()
         raise Interrupted(f"interrupted at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
@@ -117,10 +107,7 @@ def train_in(out: Path, args, cfg: C.Config, data: dict, rank: int, world: int, 
     if summary["step"] < summary["total"]:
         log(f"stopped at step {summary['step']}/{summary['total']}: saved {out / 'checkpoint.pt'}; "
             f"continue with --resume")
-    elif rank == 0 and not args.no_eval:
-        result = evaluate(cfg, model, tokenizer, *evaluation, device, split=cfg.train.eval_split, log=log,
-                          bounds=not args.no_bounds)
-        result.update(train_seconds=summary["seconds"], total_seconds=time.time() - t0, final_loss=summary["loss"])
+    elif result is not None:                       # rank 0, unless --no-eval
         print(report(cfg, result))
         save_results(result, out / "metrics.json", out / "predictions.jsonl", ckpt=out / "checkpoint.pt")
         print(f"wall time {fmt_time(time.time() - t0)}; wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
@@ -187,7 +174,7 @@ def cmd_visualize(args) -> None:
 
 
 def tiny_only(cfg: C.Config, what: str) -> None:
-    if cfg.vit != C.get_config("tiny").vit:
+    if not C.is_tiny_vit(cfg):
         raise UserError(f"config {cfg.name!r}: {what}")
 
 

@@ -82,7 +82,7 @@ def model_from_config(cfg: C.Config, device: torch.device, log=print) -> LSRM:
         from .weights import load_pretrained
         if t.vit_weights:
             vit = resolve(t.vit_weights)
-        elif cfg.vit != C.get_config("tiny").vit:
+        elif not C.is_tiny_vit(cfg):
             raise UserError(f"config {cfg.name!r} needs train.vit_weights (its ViT is not the tiny one)")
         else:                                   # `small`: the tiny pretrained ViT + a real decoder
             vit = {k[len("visual."):]: v for k, v in
@@ -92,7 +92,7 @@ def model_from_config(cfg: C.Config, device: torch.device, log=print) -> LSRM:
         torch.manual_seed(t.seed)                 # random frozen backbones, the same in train and eval:
         model = build(cfg)                        # for smoke tests only
     else:
-        if cfg.name != "tiny":
+        if not C.is_tiny_vit(cfg):
             raise UserError(f"config {cfg.name!r} needs its backbones: set train.vit_weights and train.llm_weights")
         model = build(cfg)
         load_own(model, rank0_first(lambda: tiny_backbones().pretrained_backbones(cfg, make_tokenizer(cfg), log=log)),

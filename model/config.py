@@ -337,6 +337,11 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {"tiny": _tiny, "small": _smal
                                                    "llama-13b-coco": _coco}
 
 
+def is_tiny_vit(cfg: Config) -> bool:
+    """Whether cfg's ViT is the tiny one (`tiny` and `small` share it): the one tiny_data pretrains and probes."""
+    return cfg.vit == _tiny().vit
+
+
 def get_config(name: str) -> Config:
     if name not in PRESETS:
         raise KeyError(f"unknown config {name!r}; choose one of: {', '.join(PRESETS)}")

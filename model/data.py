@@ -357,6 +357,10 @@ class VLDataset(torch.utils.data.Dataset):
         """Other examples, made into tokens and pictures the same way (no cache): the bounds' prompts."""
         return VLDataset(examples, self.tok, self.image_size, self.preprocess, self.max_len)
 
+    def collate(self, items: list[dict]) -> dict:
+        """A batch of this dataset's items: `collate` with its tokenizer's padding."""
+        return collate(items, self.tok.pad_id)
+
     def image(self, path: Path | None) -> torch.Tensor:
         if path is None:
             return torch.zeros(3, self.image_size, self.image_size)
@@ -373,21 +377,25 @@ class VLDataset(torch.utils.data.Dataset):
         cut, longest = 0, (0, "")
         for ex in self.examples:
             target, n = len(self.tok.encode(ex.target)) + 1, len(self.tok.encode(ex.prompt))
-            if 1 + target > self.max_len:
-                raise DataError(f"{source}: item {ex.id}: its answer alone is {target} tokens, more than "
-                                f"train.max_len={self.max_len} holds")
+            self.prompt_room(ex, target, source)
             cut += 1 + n + target > self.max_len
             longest = max(longest, (1 + n + target, ex.id))
         if cut:
             log(f"note: {cut} of {len(self.examples)} items of {source} are longer than train.max_len={self.max_len} "
                 f"tokens (longest: item {longest[1]}, {longest[0]} tokens); the start of their prompts is dropped")
 
+    def prompt_room(self, ex: Example, target: int, source: Path | str = "") -> int:
+        """Tokens left for the prompt after BOS and a `target` of so many tokens (with its EOS); none: an error."""
+        room = self.max_len - 1 - target
+        if room < 0:
+            raise DataError(f"{source or 'data'}: item {ex.id}: its answer alone is {target} tokens, more than "
+                            f"train.max_len={self.max_len} holds")
+        return room
+
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
         prompt, target = self.tok.encode(ex.prompt), self.tok.encode(ex.target) + [self.tok.eos_id]
-        room = self.max_len - 1 - len(target)          # what is left for the prompt after BOS and the answer
-        if room < 0:
-            raise ValueError(f"example {ex.id}: its target alone ({len(target)} tokens) exceeds max_len={self.max_len}")
+        room = self.prompt_room(ex, len(target))
         prompt = prompt[len(prompt) - room:] if len(prompt) > room else prompt   # drop the prompt's start
         return dict(tokens=[self.tok.bos_id] + prompt + target, n_prompt=1 + len(prompt),
                     image=self.image(ex.image), has_image=float(ex.image is not None))

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import Example, collate, scienceqa_prompt
+from .data import Example, scienceqa_prompt
 from .checkpoint import write_atomically
 from .metrics import (MIN_GAP, NUMBER, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
                       hop_metrics, hop_record, hop_table, solution_steps, step_kinds,
@@ -145,7 +145,7 @@ def fact_probe(model: LSRM, dataset, examples: list[Example], tokenizer, device,
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])     # type -> [right own, right shuffled, n]
     for j in range(0, len(wanted), batch):
         chunk = wanted[j:j + batch]
-        b = collate([dataset[i] for i, _, _ in chunk], tokenizer.pad_id)
+        b = dataset.collate([dataset[i] for i, _, _ in chunk])
         tokens, images = b["tokens"].to(device), b["images"].to(device)
         for k, imgs in enumerate((images, images.roll(1, 0))):      # own pictures; each item another's
             if k == 1 and len(chunk) < 2:

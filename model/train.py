@@ -318,12 +318,12 @@ class Batches(torch.utils.data.Dataset):
     decode) comes back as its DataError, not raised: the loop reports it in one line (a worker's exception
     would arrive wrapped in its traceback) after checkpointing the steps before it."""
 
-    def __init__(self, dataset, collate: Callable):
-        self.dataset, self.collate = dataset, collate
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __getitem__(self, chunk: list[int]):
         try:
-            b = self.collate([self.dataset[j] for j in chunk])
+            b = self.dataset.collate([self.dataset[j] for j in chunk])
         except DataError as e:
             return e
         flat = b["targets"].reshape(-1)
@@ -332,22 +332,23 @@ class Batches(torch.utils.data.Dataset):
         return b
 
 
-def make_loader(dataset, collate: Callable, cfg: Config, rank: int, world: int, start: int, end: int,
+def make_loader(dataset, cfg: Config, rank: int, world: int, start: int, end: int,
                 device: torch.device) -> torch.utils.data.DataLoader:
     """The micro-batches of steps start..end-1 for this process, built by `train.workers` processes (0: here),
     in pinned memory on CUDA. The loader draws its workers' seeds from its own generator, not from the
     training's (whose dropout masks must not move)."""
     t = cfg.train
     return torch.utils.data.DataLoader(
-        Batches(dataset, collate), sampler=StepSampler(len(dataset), cfg, rank, world, start, end),
+        Batches(dataset), sampler=StepSampler(len(dataset), cfg, rank, world, start, end),
         batch_size=None, num_workers=t.workers, pin_memory=device.type == "cuda",
         worker_init_fn=QuietWorkers() if t.workers else None, generator=torch.Generator().manual_seed(t.seed))
 
 
-def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *, resume: bool = False,
+def train(cfg: Config, model: LSRM, dataset, out_dir: Path, *, resume: bool = False,
           stop_after: Optional[int] = None, log: Callable[[str], None] = print,
           device: Optional[torch.device] = None, data: Optional[dict] = None) -> dict:
-    """Fine-tune the adapters of `model` on `dataset`; writes out_dir/{checkpoint.pt, log.jsonl}.
+    """Fine-tune the adapters of `model` on `dataset` (batched by its `collate`); writes out_dir/{checkpoint.pt,
+    log.jsonl}.
 
     `stop_after` ends the run after that many optimizer steps (in total), checkpointing first:
     an interruption that `resume=True` continues from. Ctrl-C or SIGTERM does the same at the end of the
@@ -408,7 +409,6 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
                                       f"{kept()}: make room, then continue with --resume") from None
 
     model.train()
-    model.inherit(inheritable_at(cfg, (step - 1) // steps_per_epoch) if step else False)   # as after `step` steps
     history_file = out_dir / "log.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +421,7 @@ def train(cfg: Config, model: LSRM, dataset, collate: Callable, out_dir: Path, *
     t0, first = time.time(), step
     last_loss, saved, interrupted = float("nan"), step, False
     end = total if stop_after is None else min(total, stop_after)
-    feed = make_loader(dataset, collate, cfg, rank, world, step, end, device)
+    feed = make_loader(dataset, cfg, rank, world, step, end, device)
     loader, per_step, quiet = iter(feed), feed.sampler.per_step, feed.worker_init_fn   # quiet: None without workers
     with StopOnInterrupt() as interrupt, contextlib.ExitStack() as after:
         if quiet is not None:

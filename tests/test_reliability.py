@@ -25,7 +25,7 @@ import model.train as T
 from model import get_config
 from model.checkpoint import load_checkpoint
 from model.config import apply_overrides
-from model.data import VLDataset, collate, load_image, read_coco, read_scienceqa
+from model.data import VLDataset, load_image, read_coco, read_scienceqa
 from model.llama import Transformer
 from model.rundir import hold_run_dir
 from model.tokenizer import ByteTokenizer
@@ -145,7 +145,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one(tmp_path, run_dir, capsy
 
 
 def test_a_full_disk_at_a_checkpoint_simulated(tmp_path, monkeypatch):
-    ds, col, cfg = tiny_training()
+    ds, cfg = tiny_training()
     real, calls = T.atomic_save, []
 
     def disk_full_the_second_time(obj, path):
@@ -155,7 +155,7 @@ def test_a_full_disk_at_a_checkpoint_simulated(tmp_path, monkeypatch):
         real(obj, path)
     monkeypatch.setattr("model.train.atomic_save", disk_full_the_second_time)
     with pytest.raises(CheckpointError) as e:
-        train(apply_overrides(cfg, ["train.ckpt_every=1"]), fresh(cfg), ds, col, tmp_path, log=lambda s: None)
+        train(apply_overrides(cfg, ["train.ckpt_every=1"]), fresh(cfg), ds, tmp_path, log=lambda s: None)
     assert str(e.value).startswith(f"{tmp_path / 'checkpoint.pt'}: cannot be written at step 2 (No space left")
     assert "(step 1), is intact" in str(e.value) and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
 
@@ -253,7 +253,7 @@ def tiny_training():
     tok = ByteTokenizer()
     ds = VLDataset(read_scienceqa(DATA, "train")[:16], tok, 32, "clip", 512)
     cfg = apply_overrides(get_config("tiny"), ["train.epochs=1", "train.batch_size=4", "train.micro_batch=4"])
-    return ds, (lambda items: collate(items, tok.pad_id)), cfg
+    return ds, cfg
 
 
 def fresh(cfg):
@@ -278,37 +278,38 @@ def test_overwrite_removes_the_old_run(run_dir, tmp_path, capsys):
 def test_overwrite_killed_before_its_first_checkpoint_leaves_nothing_of_the_old_run(run_dir, tmp_path):
     class Killed(BaseException):
         pass
-    ds, col, cfg = tiny_training()
+    ds, cfg = tiny_training()
     cfg.train.workers = 0                  # the kill below is raised in this process, as a real one would be
     out = tmp_path / "run"
     out.mkdir()
     for name in ("checkpoint.pt", "log.jsonl", "metrics.json", "predictions.jsonl"):
         (out / name).write_bytes((run_dir / name).read_bytes())
-    batches = []
+    batches, col = [], ds.collate
 
     def dies_at_the_second_step(items):
         batches.append(1)
         if len(batches) == 2:
             raise Killed
         return col(items)
+    ds.collate = dies_at_the_second_step
     with pytest.raises(Killed):
-        train(cfg, fresh(cfg), ds, dies_at_the_second_step, out, log=lambda s: None)
+        train(cfg, fresh(cfg), ds, out, log=lambda s: None)
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"] and steps(out) == [1]
 
 
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
-    ds, col, cfg = tiny_training()
-    train(cfg, fresh(cfg), ds, col, tmp_path, stop_after=2, log=lambda s: None)
+    ds, cfg = tiny_training()
+    train(cfg, fresh(cfg), ds, tmp_path, stop_after=2, log=lambda s: None)
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"step": 3, "epoch": 0, "lo')                   # a power cut in the middle of a line
     notes = []
-    train(cfg, fresh(cfg), ds, col, tmp_path, resume=True, stop_after=3, log=notes.append)
+    train(cfg, fresh(cfg), ds, tmp_path, resume=True, stop_after=3, log=notes.append)
     assert steps(tmp_path) == [1, 2, 3]
     assert any(n.startswith(f"note: {tmp_path / 'log.jsonl'}: its last line was cut short") for n in notes)
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     (tmp_path / "log.jsonl").write_text("\n".join([lines[0], "\0\0\0", *lines[1:]]) + "\n")   # damage elsewhere
     with pytest.raises(CheckpointError, match=r"log\.jsonl: line 2 is not a log record"):
-        train(cfg, fresh(cfg), ds, col, tmp_path, resume=True, stop_after=4, log=lambda s: None)
+        train(cfg, fresh(cfg), ds, tmp_path, resume=True, stop_after=4, log=lambda s: None)
 
 
 def test_resume_of_a_finished_run_says_so(run_dir, capsys):
@@ -398,7 +399,7 @@ def test_non_finite_frozen_weights_are_refused_at_load(tmp_path, capsys):
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    ds, col, cfg = tiny_training()
+    ds, cfg = tiny_training()
     cfg = apply_overrides(cfg, ["train.ckpt_every=1"])
     real, calls = T.answer_loss_sum, []
 
@@ -408,7 +409,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
         return loss * float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(T, "answer_loss_sum", nan_at_step_3)
     with pytest.raises(Diverged) as e:
-        train(cfg, fresh(cfg), ds, col, tmp_path, log=lambda s: None)
+        train(cfg, fresh(cfg), ds, tmp_path, log=lambda s: None)
     assert str(e.value) == (f"step 3: the loss is nan: training stopped; the last checkpoint, "
                             f"{tmp_path / 'checkpoint.pt'} (step 2), is intact")
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2 and steps(tmp_path) == [1, 2]

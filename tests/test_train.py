@@ -20,7 +20,7 @@ from model import get_config
 from model import train as train_module
 from model.config import apply_overrides
 from model.checkpoint import load_adapters, load_checkpoint, write_atomically
-from model.data import VLDataset, collate, read_scienceqa
+from model.data import VLDataset, read_scienceqa
 from model.errors import CheckpointError, DataError
 from model.tokenizer import ByteTokenizer
 from model.train import (StepSampler, StopOnInterrupt, autocast, batch_indices, check_precision, ddp_wrap,
@@ -40,7 +40,7 @@ def small_cfg(*overrides):
 def dataset():
     tok = ByteTokenizer()
     examples = read_scienceqa(DATA, "train")[:40]
-    return VLDataset(examples, tok, 32, "clip", 512), (lambda items: collate(items, tok.pad_id))
+    return VLDataset(examples, tok, 32, "clip", 512)
 
 
 def fresh_model(cfg, seed=0):
@@ -73,12 +73,12 @@ def test_weight_decay_groups():
 
 
 def test_loss_only_on_answer_and_adapters_move(dataset, tmp_path):
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg("train.epochs=1")
     model = fresh_model(cfg)
     before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    summary = train(cfg, model, ds, col, tmp_path, log=lambda s: None)
+    summary = train(cfg, model, ds, tmp_path, log=lambda s: None)
     assert summary["step"] == 5 and math.isfinite(summary["loss"])
     after = adapter_state_dict(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -87,17 +87,17 @@ def test_loss_only_on_answer_and_adapters_move(dataset, tmp_path):
 
 def test_resume_continues_exactly(dataset, tmp_path):
     """An interrupted run resumed from its checkpoint gives the same loss sequence as one that never stopped."""
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg()
-    train(cfg, fresh_model(cfg), ds, col, tmp_path / "whole", log=lambda s: None)
+    train(cfg, fresh_model(cfg), ds, tmp_path / "whole", log=lambda s: None)
     part = tmp_path / "part"
-    s = train(cfg, fresh_model(cfg), ds, col, part, stop_after=3, log=lambda s: None)
+    s = train(cfg, fresh_model(cfg), ds, part, stop_after=3, log=lambda s: None)
     assert s["step"] == 3 and (part / "checkpoint.pt").is_file()
     resumed = fresh_model(cfg)                     # the same frozen backbones; adapters scrambled
     with torch.no_grad():
         for p in adapter_state_dict(resumed).values():
             p.normal_()
-    train(cfg, resumed, ds, col, part, resume=True, log=lambda s: None)
+    train(cfg, resumed, ds, part, resume=True, log=lambda s: None)
     assert losses(part) == losses(tmp_path / "whole") and len(losses(part)) == 10
     a = load_checkpoint(part / "checkpoint.pt")["adapters"]
     b = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["adapters"]
@@ -105,22 +105,22 @@ def test_resume_continues_exactly(dataset, tmp_path):
 
 
 def test_m_is_applied_from_shift_epoch_as_model_state_the_checkpoint_records(dataset, tmp_path):
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg()                                     # 2 epochs of 5 steps; M applied from epoch 1
     model = fresh_model(cfg)
-    train(cfg, model, ds, col, tmp_path, stop_after=5, log=lambda s: None)
+    train(cfg, model, ds, tmp_path, stop_after=5, log=lambda s: None)
     assert not model.inheriting and not load_checkpoint(tmp_path / "checkpoint.pt")["inheritable_used"]
-    train(cfg, model, ds, col, tmp_path, resume=True, stop_after=6, log=lambda s: None)
+    train(cfg, model, ds, tmp_path, resume=True, stop_after=6, log=lambda s: None)
     assert model.inheriting and load_checkpoint(tmp_path / "checkpoint.pt")["inheritable_used"]
 
 
 def test_resume_refuses_a_different_config(dataset, tmp_path):
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg()
-    train(cfg, fresh_model(cfg), ds, col, tmp_path, stop_after=1, log=lambda s: None)
+    train(cfg, fresh_model(cfg), ds, tmp_path, stop_after=1, log=lambda s: None)
     other = small_cfg("lsrm.delta=0.5")
     with pytest.raises(CheckpointError, match="lsrm.delta"):
-        train(other, fresh_model(other), ds, col, tmp_path, resume=True, log=lambda s: None)
+        train(other, fresh_model(other), ds, tmp_path, resume=True, log=lambda s: None)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -136,9 +136,9 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_checkpoint_is_written_atomically(dataset, tmp_path):
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg("train.epochs=1")
-    train(cfg, fresh_model(cfg), ds, col, tmp_path, log=lambda s: None)
+    train(cfg, fresh_model(cfg), ds, tmp_path, log=lambda s: None)
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 5 and set(ckpt["adapters"]) == set(adapter_state_dict(build(cfg)))
@@ -251,11 +251,11 @@ def test_sampler_takes_the_very_micro_batches_of_batch_indices(n, batch, micro, 
 
 def test_workers_change_no_number(dataset, tmp_path):
     """Batches built by 2 worker processes train exactly as batches built in the training process."""
-    ds, col = dataset
+    ds = dataset
     runs = {}
     for workers in (0, 2):
         cfg = small_cfg(f"train.workers={workers}")
-        train(cfg, fresh_model(cfg), ds, col, tmp_path / str(workers), log=lambda s: None)
+        train(cfg, fresh_model(cfg), ds, tmp_path / str(workers), log=lambda s: None)
         runs[workers] = load_checkpoint(tmp_path / str(workers) / "checkpoint.pt")["adapters"]
     assert losses(tmp_path / "0") == losses(tmp_path / "2")
     assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
@@ -264,12 +264,12 @@ def test_workers_change_no_number(dataset, tmp_path):
 def test_backward_runs_outside_autocast(dataset, tmp_path):
     """With bf16 frozen weights the forward runs under bf16 autocast and backward after it (gradients are
     then computed in the dtypes the forward saved, not re-autocast)."""
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg("train.epochs=1", "train.workers=0")
     model = cast_frozen(fresh_model(cfg), torch.bfloat16)
     during = []
     model.memory.p2.register_hook(lambda g: during.append(torch.is_autocast_enabled("cpu")))
-    summary = train(cfg, model, ds, col, tmp_path, stop_after=2, log=lambda s: None)
+    summary = train(cfg, model, ds, tmp_path, stop_after=2, log=lambda s: None)
     assert math.isfinite(summary["loss"]) and during == [False] * 2 * 2          # 2 steps x 2 micro-batches
 
 
@@ -289,11 +289,11 @@ def test_autocast_follows_the_frozen_dtype_and_fp16_is_refused():
 
 
 def test_checkpoint_holds_rng_states_and_the_fingerprint_is_taken_once(dataset, tmp_path, monkeypatch):
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg("train.ckpt_every=2")
     calls = []
     monkeypatch.setattr(train_module, "backbone_fingerprint", lambda m: calls.append(1) or [1.0, 2.0])
-    train(cfg, fresh_model(cfg), ds, col, tmp_path, log=lambda s: None)               # saves at 2, 4, 5, 6, 8, 10
+    train(cfg, fresh_model(cfg), ds, tmp_path, log=lambda s: None)               # saves at 2, 4, 5, 6, 8, 10
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert calls == [1] and ckpt["backbone"] == [1.0, 2.0]
     assert len(ckpt["rng_states"]) == 1 and torch.equal(ckpt["rng_states"][0]["cpu"], ckpt["rng"])
@@ -379,7 +379,7 @@ class BreaksAt(torch.utils.data.Dataset):
     """A dataset whose item `bad` will not decode, as a corrupt picture met only when read."""
 
     def __init__(self, ds, bad):
-        self.ds, self.bad = ds, bad
+        self.ds, self.bad, self.collate = ds, bad, ds.collate
 
     def __len__(self):
         return len(self.ds)
@@ -392,11 +392,11 @@ class BreaksAt(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_bad_picture_met_in_training_is_one_line_after_a_checkpoint(dataset, tmp_path, workers):
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg(f"train.workers={workers}")
     bad = batch_indices(len(ds), cfg, 0, 3, 0, 1)[0][0]                     # an item of step 4 of epoch 1
     with pytest.raises(DataError) as info:
-        train(cfg, fresh_model(cfg), BreaksAt(ds, bad), col, tmp_path, log=lambda s: None)
+        train(cfg, fresh_model(cfg), BreaksAt(ds, bad), tmp_path, log=lambda s: None)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("images/train/7/image.png: not a readable image")
     assert "step 3/10" in msg and "--resume" in msg
@@ -406,11 +406,11 @@ def test_a_bad_picture_met_in_training_is_one_line_after_a_checkpoint(dataset, t
 def test_a_checkpoint_from_before_these_fields_resumes_exactly(dataset, tmp_path):
     """A checkpoint written before train.workers / image_cache_mb / check_images existed, with ckpt_every 0 and
     only rank 0's CPU random state, still resumes, exactly (one process)."""
-    ds, col = dataset
+    ds = dataset
     cfg = small_cfg()
-    train(cfg, fresh_model(cfg), ds, col, tmp_path / "whole", log=lambda s: None)
+    train(cfg, fresh_model(cfg), ds, tmp_path / "whole", log=lambda s: None)
     part = tmp_path / "part"
-    train(cfg, fresh_model(cfg), ds, col, part, stop_after=3, log=lambda s: None)
+    train(cfg, fresh_model(cfg), ds, part, stop_after=3, log=lambda s: None)
     old = torch.load(part / "checkpoint.pt", weights_only=True)
     del old["rng_states"]
     for k in ("workers", "image_cache_mb", "check_images"):
@@ -418,5 +418,5 @@ def test_a_checkpoint_from_before_these_fields_resumes_exactly(dataset, tmp_path
     old["config"]["train"]["ckpt_every"] = 0
     torch.save(old, part / "checkpoint.pt")
     notes = []
-    train(cfg, fresh_model(cfg), ds, col, part, resume=True, log=notes.append)
+    train(cfg, fresh_model(cfg), ds, part, resume=True, log=notes.append)
     assert losses(part) == losses(tmp_path / "whole") and not any("note" in n for n in notes)

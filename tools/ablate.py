@@ -11,15 +11,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from model import config as C
-from model.assemble import make_dataset, make_tokenizer, model_from_config
-from model.data import collate
-from model.evaluate import evaluate
+from model.assemble import make_dataset, make_tokenizer
 from model.metrics import seeds_tables
-from model.train import fmt_time, train
-from model.vlm import param_groups
+from model.pipeline import run
+from model.train import fmt_time
 
 
 def plan(cfg: C.Config, seeds: int, sweep_seeds: int, deltas, lams) -> list[tuple[str, str, C.Config, int]]:
@@ -38,9 +34,9 @@ def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 
     the markdown (IMG and each picture type as mean ± std: `metrics.seeds_tables`)."""
     out, t0 = Path(out), time.time()
     runs = plan(cfg, seeds, sweep_seeds, deltas, lams)                 # a bad δ or λ stops here, before any work
-    tokenizer = make_tokenizer(cfg)
-    _, train_set = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
-    test_data = make_dataset(cfg, cfg.train.eval_split, tokenizer)
+    tokenizer = make_tokenizer(cfg)                                    # read once for every run
+    train_set = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
+    test_set = make_dataset(cfg, cfg.train.eval_split, tokenizer)
     key = lambda c: json.dumps({**c.to_dict(), "name": None}, sort_keys=True)
     todo = list(dict.fromkeys(key(c) for _, _, c, _ in runs))          # distinct runs, in order
     done: dict[str, dict] = {}
@@ -48,15 +44,11 @@ def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 
     for part, name, c, seed in runs:
         if key(c) in done:
             continue
-        torch.manual_seed(c.train.seed)
-        model = model_from_config(c, device, log=log)        # the first one may pretrain: not counted in the ETA
-        t_run = time.time()
-        trainable = sum(g["trainable"] for g in param_groups(model).values())
-        train(c, model, train_set, lambda items: collate(items, tokenizer.pad_id), out / f"run{len(done)}",
-              log=lambda *a: None, device=device)
-        r = evaluate(c, model, tokenizer, *test_data, device, split=c.train.eval_split, log=None, bounds=False)
-        done[key(c)] = {"metrics": r["metrics"], "by_type": r["by_type"], "trainable": trainable}
-        spent += time.time() - t_run
+        one = run(c, out / f"run{len(done)}", device, bounds=False, log=log, quiet=True, tokenizer=tokenizer,
+                  train_set=train_set, eval_set=test_set)
+        r = one["result"]
+        done[key(c)] = {"metrics": r["metrics"], "by_type": r["by_type"], "trainable": one["trainable"]}
+        spent += one["seconds"]["train"] + one["seconds"]["evaluate"]     # the first model may pretrain: not counted
         log(f"ablate {len(done)}/{len(todo)} | {name} seed {seed} | Avg {r['metrics']['Avg']:.2f} | "
             f"ETA {fmt_time(spent / len(done) * (len(todo) - len(done)))}")
     rows = {"ladder": {}, "sweep": {}}

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from model.config import get_config
-from model.data import DataError, VLDataset, collate, load_image, read_coco
+from model.data import DataError, VLDataset, load_image, read_coco
 from model.assemble import make_tokenizer
 from model.train import batch_indices, make_loader
 
@@ -129,7 +129,6 @@ def timed_pass(batches, n_steps: int, per_step: int) -> dict:
 def run_data_bench(n_images: int = 20_000, workers: int = 2, old: bool = True, log=print) -> dict:
     cfg = get_config("llama-13b-coco")                  # the paper's COCO run: 224 px, batch 32 in micro-batches of 4
     tokenizer = make_tokenizer(get_config("tiny"))      # any tokenizer: the pictures dominate
-    col = lambda items: collate(items, tokenizer.pad_id)
     device = torch.device("cpu")
     runs = []
     with tempfile.TemporaryDirectory(prefix="lsrm-data-bench-") as tmp:
@@ -147,12 +146,12 @@ def run_data_bench(n_images: int = 20_000, workers: int = 2, old: bool = True, l
             ds = VLDataset(pictures, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len,
                            cache_mb=cfg.train.image_cache_mb)
             c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workers=w))
-            r = timed_pass(iter(make_loader(ds, col, c, 0, 1, 0, n_steps, device)), n_steps, per_step)
+            r = timed_pass(iter(make_loader(ds, c, 0, 1, 0, n_steps, device)), n_steps, per_step)
             runs.append({"path": "DataLoader", "workers": w, **r})
         if old:
             log("one pass, the old path (float32 cache, batches built in the loop) ...")
             ds = OldDataset(pictures, tokenizer, cfg.vit.image_size, cfg.train.preprocess, cfg.train.max_len)
-            steps = ([col([ds[j] for j in chunk]) for chunk in batch_indices(len(ds), cfg, 0, i, 0, 1)]
+            steps = ([ds.collate([ds[j] for j in chunk]) for chunk in batch_indices(len(ds), cfg, 0, i, 0, 1)]
                      for i in range(n_steps))
             r = timed_pass((b for step in steps for b in step), n_steps, per_step)
             runs.append({"path": "old", "workers": 0, **r})
