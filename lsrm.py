@@ -29,7 +29,7 @@ import torch
 from model import config as C
 from model.assemble import data_fingerprint, load_config, make_dataset, make_tokenizer, model_from_checkpoint
 from model.data import load_image
-from model.errors import MissingPackage, UserError
+from model.errors import LsrmError, UserError
 from model.evaluate import evaluate, report, save
 from model.pipeline import run
 from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
@@ -134,6 +134,9 @@ def cmd_generate(args) -> None:
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
     prompt = args.prompt.replace("\\n", "\n")
     tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=device)
+    if tokens.shape[1] > cfg.llama.max_seq_len:
+        raise UserError(f"--prompt: {tokens.shape[1]} tokens with BOS, more than the decoder reads "
+                        f"(llama.max_seq_len={cfg.llama.max_seq_len})")
     image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
     stream = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
     model.generate(tokens, model.visual_memory(1, image), args.max_new_tokens, tokenizer.eos_id, on_token=stream)
@@ -322,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (UserError, ValueError, MissingPackage) as e:     # DataError, CheckpointError, WeightsError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+    except LsrmError as e:                   # the project's own errors (model/errors.py): one line; others keep
+        print(f"error: {e}", file=sys.stderr)  # their traceback, as a bug's must
         return 2
     except Interrupted as e:
         print(e, file=sys.stderr)

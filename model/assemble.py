@@ -21,7 +21,7 @@ import torch
 
 from . import config as C
 from .data import VLDataset, check_images, read_coco, read_scienceqa
-from .errors import DataError, MissingPackage, UserError
+from .errors import ConfigError, DataError, MissingPackage, UserError
 from .paths import resolve
 from .tokenizer import ByteTokenizer
 from .checkpoint import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
@@ -31,10 +31,8 @@ from .weights import load_own
 def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
     try:
         return C.apply_overrides(C.get_config(name), overrides or [])
-    except KeyError as e:
+    except KeyError as e:                           # an unknown preset; a bad value is a ConfigError already
         raise UserError(e.args[0]) from None
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def make_tokenizer(cfg: C.Config):
@@ -120,7 +118,7 @@ def model_from_checkpoint(path: str, device, overrides=None, log=print):
     try:
         trained = C.Config.from_dict(ckpt["config"])
         cfg = C.apply_overrides(trained, overrides or [])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ConfigError) as e:          # TypeError: a field this version does not know
         raise UserError(f"{path}: {e}") from None
     then, now = trained.to_dict(), cfg.to_dict()
     fixed = [k for k in config_diff(then, now) if fixed_at_eval(k)]

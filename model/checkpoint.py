@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .vlm import LSRM, adapter_state_dict, is_adapter
 
 CKPT_FORMAT = "lsrm-adapters-v1"
@@ -112,7 +112,7 @@ def check_resume(ckpt: dict, cfg: Config, path: Path, data: Optional[dict] = Non
     `data` (data fingerprint: {"files", "sha256"}) is given, the same training data."""
     try:                                            # an older checkpoint's config, with today's defaults
         then = Config.from_dict(ckpt["config"]).to_dict()
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ConfigError, KeyError):
         then = ckpt["config"]
     diff = [k for k in config_diff(then, cfg.to_dict()) if k not in RESUME_FREE]
     if diff:

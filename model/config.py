@@ -13,6 +13,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 
 def check_finite(obj, group: str) -> None:
     """Every float option (and every float in a list or tuple option) must be a number: a NaN or inf
@@ -21,20 +23,20 @@ def check_finite(obj, group: str) -> None:
         value = getattr(obj, f.name)
         for x in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(x, float) and not math.isfinite(x):
-                raise ValueError(f"{group}.{f.name} must be a finite number, got {value}")
+                raise ConfigError(f"{group}.{f.name} must be a finite number, got {value}")
 
 
 def check_at_least(obj, group: str, low, *keys: str) -> None:
     for k in keys:
         if getattr(obj, k) < low:
-            raise ValueError(f"{group}.{k} must be >= {low}, got {getattr(obj, k)}")
+            raise ConfigError(f"{group}.{k} must be >= {low}, got {getattr(obj, k)}")
 
 
 def check_between(obj, group: str, low, high, *keys: str, high_open: bool = False) -> None:
     for k in keys:
         v = getattr(obj, k)
         if not (low <= v < high if high_open else low <= v <= high):
-            raise ValueError(f"{group}.{k} must be in [{low}, {high}{')' if high_open else ']'}, got {v}")
+            raise ConfigError(f"{group}.{k} must be in [{low}, {high}{')' if high_open else ']'}, got {v}")
 
 
 @dataclass
@@ -57,11 +59,11 @@ class ViTConfig:
         check_at_least(self, "vit", 1, "image_size", "patch_size", "width", "layers", "heads", "adapter_dim")
         check_between(self, "vit", 0, 1, "adapter_dropout")
         if self.eps <= 0:
-            raise ValueError(f"vit.eps must be > 0, got {self.eps}")
+            raise ConfigError(f"vit.eps must be > 0, got {self.eps}")
         if self.width % self.heads:
-            raise ValueError(f"vit.heads={self.heads} does not divide vit.width={self.width}")
+            raise ConfigError(f"vit.heads={self.heads} does not divide vit.width={self.width}")
         if self.patch_size > self.image_size:
-            raise ValueError(f"vit.patch_size={self.patch_size} is larger than vit.image_size={self.image_size}")
+            raise ConfigError(f"vit.patch_size={self.patch_size} is larger than vit.image_size={self.image_size}")
 
     @property
     def grid(self) -> int:
@@ -98,9 +100,9 @@ class LlamaConfig:
                        "max_seq_len")
         for k in ("norm_eps", "rope_theta"):
             if getattr(self, k) <= 0:
-                raise ValueError(f"llama.{k} must be > 0, got {getattr(self, k)}")
+                raise ConfigError(f"llama.{k} must be > 0, got {getattr(self, k)}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide")
+            raise ConfigError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not divide")
         if self.rope_scaling is not None:
             self.rope_scaling = tuple(self.rope_scaling)
 
@@ -148,11 +150,11 @@ class LSRMConfig:
         check_at_least(self, "lsrm", 1, "n_slots", "proj_hidden")
         check_between(self, "lsrm", 0, 1, "dropout")
         if not self.taps:
-            raise ValueError("lsrm.taps must list at least one ViT block")
+            raise ConfigError("lsrm.taps must list at least one ViT block")
         if not 0.0 <= self.delta <= 1.0:
-            raise ValueError(f"lsrm.delta must be in [0, 1], got {self.delta}")
+            raise ConfigError(f"lsrm.delta must be in [0, 1], got {self.delta}")
         if not 0.0 < self.decay <= 1.0:
-            raise ValueError(f"lsrm.decay must be in (0, 1], got {self.decay}")
+            raise ConfigError(f"lsrm.decay must be in (0, 1], got {self.decay}")
 
 
 PROMPT_FORMATS = ("QCM-A", "QCM-EA", "QCM-LEA")    # question, context, options -> (lecture, solution,) answer
@@ -200,22 +202,22 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.task not in ("scienceqa", "coco"):
-            raise ValueError(f"train.task must be scienceqa or coco, got {self.task!r}")
+            raise ConfigError(f"train.task must be scienceqa or coco, got {self.task!r}")
         if self.preprocess not in ("clip", "squash"):
-            raise ValueError(f"train.preprocess must be clip or squash, got {self.preprocess!r}")
+            raise ConfigError(f"train.preprocess must be clip or squash, got {self.preprocess!r}")
         if self.frozen_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"train.frozen_dtype must be auto/float32/bfloat16/float16, got {self.frozen_dtype!r}")
+            raise ConfigError(f"train.frozen_dtype must be auto/float32/bfloat16/float16, got {self.frozen_dtype!r}")
         check_finite(self, "train")
         check_at_least(self, "train", 1, "batch_size", "micro_batch", "epochs", "max_len", "eval_batch")
         check_at_least(self, "train", 0, "base_lr", "warmup_epochs", "weight_decay", "grad_clip",
                        "log_every", "ckpt_every")                 # log_every, ckpt_every: 0 is off
         check_between(self, "train", 0, 1, "beta1", "beta2", high_open=True)     # as AdamW requires
         if self.limit < 0:
-            raise ValueError(f"train.limit must be >= 0 (0: all items), got {self.limit}")
+            raise ConfigError(f"train.limit must be >= 0 (0: all items), got {self.limit}")
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"train.prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+            raise ConfigError(f"train.prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         if self.gen_tokens < 0:
-            raise ValueError(f"train.gen_tokens must be >= 0 (0: the longest target + 16), got {self.gen_tokens}")
+            raise ConfigError(f"train.gen_tokens must be >= 0 (0: the longest target + 16), got {self.gen_tokens}")
         check_at_least(self, "train", 0, "workers", "image_cache_mb", "check_images")
 
 
@@ -231,15 +233,15 @@ class Config:
         layers = self.vit.layers
         for t in self.lsrm.taps:                                    # only negative indices wrap (-2: penultimate)
             if not -layers <= t < layers:
-                raise ValueError(f"lsrm.taps: block {t} is outside the ViT's {layers} blocks "
+                raise ConfigError(f"lsrm.taps: block {t} is outside the ViT's {layers} blocks "
                                  f"(0..{layers - 1}, or -{layers}..-1 counting from the end)")
         self.lsrm.taps = [t % layers for t in self.lsrm.taps]
         if len(set(self.lsrm.taps)) != len(self.lsrm.taps):
-            raise ValueError(f"lsrm.taps has repeated blocks: {self.lsrm.taps}")
+            raise ConfigError(f"lsrm.taps has repeated blocks: {self.lsrm.taps}")
         if self.lsrm.n_slots < self.vit.n_patches:
-            raise ValueError(f"lsrm.n_slots={self.lsrm.n_slots} < {self.vit.n_patches} image patches")
+            raise ConfigError(f"lsrm.n_slots={self.lsrm.n_slots} < {self.vit.n_patches} image patches")
         if self.train.max_len > self.llama.max_seq_len:      # else the first long batch fails, naming neither
-            raise ValueError(f"train.max_len={self.train.max_len} is more than llama.max_seq_len="
+            raise ConfigError(f"train.max_len={self.train.max_len} is more than llama.max_seq_len="
                              f"{self.llama.max_seq_len}, the longest sequence the decoder takes")
 
     def to_dict(self) -> dict:
@@ -381,18 +383,18 @@ def _parse(text: str, typ, key: str):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{key}: expected true/false, got {text!r}")
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
     if origin in (list, tuple):
         items = [s for s in text.strip("[]()").split(",") if s.strip()]
         if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:
             if len(items) != len(args):
-                raise ValueError(f"{key}: expected {len(args)} comma-separated values, got {text!r}")
+                raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {text!r}")
             return tuple(_parse(s.strip(), a, key) for s, a in zip(items, args))
         return [_parse(s.strip(), args[0], key) for s in items]
     try:
         return typ(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {text!r}") from None
+        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {text!r}") from None
 
 
 def field_types(obj) -> dict[str, typing.Any]:
@@ -405,21 +407,21 @@ def apply_overrides(cfg, overrides: list[str]):
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         obj, parts = cfg, key.strip().split(".")
         for i, part in enumerate(parts):
             types = field_types(obj)
             if part not in types:
                 valid = ", ".join(".".join(parts[:i] + [k]) for k in types)
-                raise ValueError(f"unknown option {key!r}; valid keys here: {valid}")
+                raise ConfigError(f"unknown option {key!r}; valid keys here: {valid}")
             if i < len(parts) - 1:
                 obj = getattr(obj, part)
                 if not dataclasses.is_dataclass(obj):
-                    raise ValueError(f"unknown option {key!r}: {part} is not a group")
+                    raise ConfigError(f"unknown option {key!r}: {part} is not a group")
             elif dataclasses.is_dataclass(getattr(obj, part)):
                 fields = ", ".join(f"{key.strip()}.{k}" for k in field_types(getattr(obj, part)))
-                raise ValueError(f"{key.strip()!r} is a group of options, not one; set one of: {fields}")
+                raise ConfigError(f"{key.strip()!r} is a group of options, not one; set one of: {fields}")
             else:
                 setattr(obj, part, _parse(text.strip(), types[part], key))
     # re-run the derived fields and checks of every component

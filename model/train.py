@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .checkpoint import (adapters_checkpoint, atomic_save, backbone_fingerprint, check_resume, load_adapters,
                          load_checkpoint, write_atomically)
 from .config import Config
-from .errors import CheckpointError, DataError, Diverged
+from .errors import CheckpointError, ConfigError, DataError, Diverged, LsrmError
 from .vlm import LSRM, adapter_state_dict
 
 
@@ -86,7 +86,7 @@ def check_precision(frozen_dtype: str | torch.dtype) -> None:
     """fp16 frozen weights would need fp16 autocast and loss scaling (a GradScaler), which this recipe has not:
     refused before anything is loaded. bf16 (the default on CUDA) has fp32's range and needs none."""
     if frozen_dtype in ("float16", torch.float16):
-        raise ValueError("train.frozen_dtype=float16: training runs in bf16 (or fp32) and has no loss scaling "
+        raise ConfigError("train.frozen_dtype=float16: training runs in bf16 (or fp32) and has no loss scaling "
                          "for fp16; use train.frozen_dtype=bfloat16 (or auto) or float32")
 
 
@@ -121,8 +121,8 @@ def distributed() -> tuple[int, int]:
 
 
 def from_rank0(fn: Callable, share: bool = True):
-    """Rank 0 runs fn(); every process gets its result (None with share=False), or raises its error (a ValueError:
-    one message on every process, so all stop alike). Only rank 0 reads the run directory: on 2 nodes the
+    """Rank 0 runs fn(); every process gets its result (None with share=False), or raises its error (one of the
+    project's: one message on every process, so all stop alike). Only rank 0 reads the run directory: on 2 nodes the
     second needs no shared filesystem for it."""
     if not dist.is_initialized():
         return fn()
@@ -130,7 +130,7 @@ def from_rank0(fn: Callable, share: bool = True):
     if dist.get_rank() == 0:
         try:
             result = fn()
-        except ValueError as e:                     # UserError, DataError, CheckpointError: one line each
+        except LsrmError as e:                      # UserError, DataError, CheckpointError: one line each
             error = e
     box = [(result if share else None, error)]
     dist.broadcast_object_list(box, src=0, group=_cpu_group)
@@ -361,10 +361,10 @@ def train(cfg: Config, model: LSRM, dataset, out_dir: Path, *, resume: bool = Fa
     out_dir = Path(out_dir)
     check_precision(model.llama.norm.weight.dtype)
     if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} does not split over {world} processes")
+        raise ConfigError(f"train.batch_size={t.batch_size} does not split over {world} processes")
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{t.data}: {len(dataset)} training items, fewer than one batch of {t.batch_size}")
+        raise DataError(f"{t.data}: {len(dataset)} training items, fewer than one batch of {t.batch_size}")
     total = steps_per_epoch * t.epochs
 
     torch.manual_seed(t.seed + 1_000_003 * rank)   # dropout masks of each process its own; rank 0's as 1 process's

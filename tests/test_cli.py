@@ -295,6 +295,43 @@ def test_negative_max_new_tokens_is_refused(trained):
     assert r.returncode == 2 and r.stderr == "error: --max-new-tokens must be >= 0, got -3\n"
 
 
+def test_a_prompt_longer_than_the_decoder_reads_is_one_line(trained):
+    out, _ = trained
+    r = run("generate", "--ckpt", out / "checkpoint.pt", "--prompt", "x" * 600)
+    assert r.returncode == 2 and r.stderr == ("error: --prompt: 601 tokens with BOS, more than the decoder reads "
+                                              "(llama.max_seq_len=512)\n")
+
+
+PLANTED = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import lsrm
+from model.memory import InheritableCrossAttention
+
+def planted(self, u):               # a bug in the method itself: a ValueError that is none of the project's errors
+    raise ValueError("planted bug")
+
+InheritableCrossAttention.__call__ = planted
+sys.exit(lsrm.main(sys.argv[1:]))
+"""
+
+
+def test_only_the_project_errors_are_one_line_a_planted_bug_keeps_its_traceback(trained, tmp_path):
+    """The command line turns the project's own errors (model/errors.py) into one line; a ValueError raised by a
+    bug is not one of them and reaches the user with its traceback, down to the line that raised it."""
+    out, _ = trained
+    script = tmp_path / "planted.py"
+    script.write_text(PLANTED)
+    r = subprocess.run([sys.executable, script, ROOT, "generate", "--ckpt", out / "checkpoint.pt", "--prompt", "x"],
+                       capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
+    assert r.returncode == 1 and r.stderr.startswith("Traceback (most recent call last):")
+    assert 'raise ValueError("planted bug")' in r.stderr and "in cmd_generate" in r.stderr
+    assert r.stderr.splitlines()[-1] == "ValueError: planted bug" and "error: planted bug" not in r.stderr
+    r = subprocess.run([sys.executable, script, ROOT, "generate", "--ckpt", out / "nothing.pt", "--prompt", "x"],
+                       capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)          # one of ours: one line
+    assert r.returncode == 2 and r.stderr == f"error: {out / 'nothing.pt'}: no such checkpoint file\n"
+
+
 # ---- interruptions and run directories
 
 def steps_logged(out):
