@@ -156,7 +156,7 @@ def cmd_ablate(args) -> None:
     if min(args.seeds, args.sweep_seeds) < 0 or args.seeds + args.sweep_seeds == 0:
         raise UserError(f"--seeds {args.seeds} --sweep-seeds {args.sweep_seeds}: counts of runs, >= 0 and not both 0")
     cfg = load_config(args.config, args.set)
-    text = ablate(cfg, Path(args.out), default_device(), args.seeds, args.sweep_seeds, args.deltas, args.lams,
+    text = ablate(cfg, Path(args.out), default_device(), args.seeds, args.sweep_seeds, args.deltas, args.decays,
                   log=functools.partial(print, flush=True))
     print(text + f"wrote {Path(args.out) / 'ablation.md'}")
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per ladder row")
     p.add_argument("--sweep-seeds", type=int, default=3, help="seeds per δ/λ sweep point")
     p.add_argument("--deltas", type=float, nargs="*", default=[0.1, 0.5], help="δ values (λ fixed)")
-    p.add_argument("--lams", type=float, nargs="*", default=[0.7, 0.95], help="λ values (δ fixed)")
+    p.add_argument("--decays", type=float, nargs="*", default=[0.7, 0.95], help="λ (lsrm.decay) values (δ fixed)")
     p.add_argument("--out", default="runs/ablate")
 
     p = command("visualize", cmd_visualize, "the paper's Figures 3 and 5 for one image, as PNGs", ckpt=True)

@@ -132,7 +132,7 @@ def model_from_checkpoint(path: str, device, overrides=None, log=print):
     tokenizer = make_tokenizer(cfg)
     model = model_from_config(cfg, device, log)
     load_adapters(model, ckpt, Path(path))
-    model.inherit(ckpt["inheritable_used"])          # M applied as it was at the end of training
+    model.inheritable = ckpt["inheritable"]          # M applied as it was at the end of training
     fp = backbone_fingerprint(model)
     if any(abs(a - b) > 1e-4 * max(1.0, abs(b)) for a, b in zip(fp, ckpt.get("backbone", fp))):
         # on stderr, whatever `log` is: generate and visualize keep their stdout for their output

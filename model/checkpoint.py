@@ -35,7 +35,7 @@ def adapters_checkpoint(cfg: Config, model: LSRM, step: int, epoch: float, optim
     applied, the training data's fingerprint and the frozen backbones' (`backbone_fingerprint`)."""
     return {"format": CKPT_FORMAT, "config": cfg.to_dict(), "step": step, "epoch": epoch,
             "adapters": adapter_state_dict(model), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "rng_states": rng_states, "inheritable_used": model.inheriting, "data": data, "backbone": backbone}
+            "rng_states": rng_states, "inheritable": model.inheritable, "data": data, "backbone": backbone}
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -73,6 +73,8 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: not an lsrm checkpoint (expected format {CKPT_FORMAT})")
+    if "inheritable_used" in ckpt:                      # older checkpoints' name for the M switch
+        ckpt["inheritable"] = ckpt.pop("inheritable_used")
     return ckpt
 
 

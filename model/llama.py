@@ -135,11 +135,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x, freqs_cis, start_pos: int, use_cache: bool, memory: Optional[MemoryBranch]):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, use_cache)
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, use_cache)   # Alg. 1 l.10
         u = self.ffn_norm(h)
         out = h + self.feed_forward(u)
         if memory is not None:                     # MemVP: the visual memory sits beside the FFN
-            out = out + memory(u).to(out.dtype)
+            out = out + memory(u).to(out.dtype)    # Alg. 1 l.17: X_t <- X_fuse + FFN(X_t), X_fuse read from u
         return out
 
 
@@ -190,9 +190,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        h = self.tok_embeddings(tokens)                                  # (B, T, D)
+        h = self.tok_embeddings(tokens)                                  # (B, T, D); Alg. 1 l.3
         freqs_cis = self.rope(start_pos, T, tokens.device)
-        for layer in self.layers:
+        for layer in self.layers:                                        # Alg. 1 l.9
             h = layer(h, freqs_cis, start_pos, use_cache, memory)
         if positions is not None:
             h = h.reshape(B * T, -1).index_select(0, positions)          # (n, D)

@@ -91,6 +91,7 @@ def check_precision(frozen_dtype: str | torch.dtype) -> None:
 
 
 def inheritable_at(cfg: Config, epoch: int) -> bool:
+    """LSRM.inheritable in `epoch` (counted from 0): M is applied from lsrm.shift_epoch on, if at all."""
     return cfg.lsrm.inheritable and epoch >= cfg.lsrm.shift_epoch
 
 
@@ -442,7 +443,7 @@ def train(cfg: Config, model: LSRM, dataset, out_dir: Path, *, resume: bool = Fa
             lr = get_lr(step / steps_per_epoch, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            model.inherit(inheritable_at(cfg, epoch))          # M applied from lsrm.shift_epoch on
+            model.inheritable = inheritable_at(cfg, epoch)     # M applied from lsrm.shift_epoch on
             n_tok = all_sum(torch.tensor(float(sum(len(b["answers"]) for b in batches)), device=device))
             loss_sum = torch.zeros((), device=device)
             for k, b in enumerate(batches):
@@ -475,7 +476,7 @@ def train(cfg: Config, model: LSRM, dataset, out_dir: Path, *, resume: bool = Fa
                 if (t.log_every and step % t.log_every == 0) or step == total or step == first + 1:
                     dt = (time.time() - t0) / (step - first)
                     log(f"step {step:5d}/{total} | epoch {epoch + 1}/{t.epochs} | loss {last_loss:.4f} | lr {lr:.2e} "
-                        f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if model.inheriting else ""))
+                        f"| {dt * 1000:.0f} ms/step | ETA {fmt_time(dt * (total - step))}" + (" | inheritable CA on" if model.inheritable else ""))
             if step % steps_per_epoch == 0 or (t.ckpt_every and step % t.ckpt_every == 0) or step == stop_after:
                 save(step)
                 saved = step

@@ -23,60 +23,57 @@ def is_adapter(name: str) -> bool:
 
 
 class LSRM(nn.Module):
+    """ViT -> visual memory -> decoder. One way to Z (`visual_memory`), one decoder pass reading it (`decode`),
+    both in one call for training and scoring (`forward`), and greedy decoding (`generate`).
+
+    `inheritable` says whether M is applied (Alg. 1 l.8, 14, 15): model state, set like `training`. It starts
+    as lsrm.inheritable; the trainer sets it each epoch from lsrm.shift_epoch (train.inheritable_at), a
+    checkpoint records it and loading restores it."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vit)
         self.llama = Transformer(cfg.llama)
         self.memory = VisualMemory(cfg)
-        self.inheriting = cfg.lsrm.inheritable    # M applied (Algorithm 1, l. 8, 14, 15): see inherit()
-
-    def inherit(self, on: bool = True) -> "LSRM":
-        """Apply M from now on, or not: model state, set like train()/eval(). The trainer turns it on from
-        lsrm.shift_epoch; a checkpoint records it ("inheritable_used") and loading restores it."""
-        self.inheriting = bool(on)
-        return self
-
-    def encode_images(self, images: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D).
-
-        Items without an image get Z = 0 (only P1/P2 remain), so the ViT runs only on those with one. Which
-        those are is decided on the CPU: the trainer passes has_image there, so no step waits on the GPU."""
-        keep = has_image.detach().cpu() > 0                                  # (B,) bool, on the CPU
-        flags = has_image.to(images.device)
-        if keep.all():
-            return self.memory.encode(self.visual.patch_features(images, self.cfg.lsrm.taps), flags)
-        z = self.memory.empty(images.shape[0])
-        if keep.any():
-            idx = keep.nonzero()[:, 0].to(images.device)
-            part = self.memory.encode(self.visual.patch_features(images[idx], self.cfg.lsrm.taps), flags[idx])
-            z = z.index_put((idx.to(z.device),), part.to(z.dtype))
-        return z
+        self.inheritable = cfg.lsrm.inheritable
 
     def visual_memory(self, batch: int, images: Optional[torch.Tensor] = None,
                       has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Z (B, N, D) for a batch of `batch` items: from the images where has_image (default: every item),
-        empty (P1/P2 only) elsewhere, or for every item when there are no images."""
-        if images is None:
-            return self.memory.empty(batch)
-        if has_image is None:
-            has_image = torch.ones(batch, device=images.device)
-        return self.encode_images(images, has_image)
+        """Z (B, N, D) for a batch of `batch` items: images (B, 3, H, W) read where has_image (B,) (default: every
+        item), Z = 0 elsewhere and for every item when there are no images (only P1/P2 remain in the memory).
+
+        The ViT runs only on the items with a picture. Which those are is decided on the CPU: the trainer
+        passes has_image there, so no step waits on the GPU."""
+        if images is None:                              # a text-only batch
+            return self.memory.p1.new_zeros(batch, self.cfg.lsrm.n_slots, self.cfg.llama.dim)
+        keep = torch.ones(batch, dtype=torch.bool) if has_image is None else has_image.detach().cpu() > 0   # (B,)
+        if keep.all():                                  # Alg. 1 l.5: the tapped layers, l.7: SRProj and mean
+            return self.memory.encode(self.visual.patch_features(images, self.cfg.lsrm.taps))
+        z = self.memory.p1.new_zeros(batch, self.cfg.lsrm.n_slots, self.cfg.llama.dim)
+        if keep.any():
+            idx = keep.nonzero()[:, 0].to(images.device)
+            part = self.memory.encode(self.visual.patch_features(images[idx], self.cfg.lsrm.taps))
+            z = z.index_put((idx.to(z.device),), part.to(z.dtype))
+        return z
 
     def memory_read(self, z: torch.Tensor) -> InheritableCrossAttention:
-        return self.memory.read(z, inheritable=self.inheriting, training=self.training)
+        """The memory one decoder pass reads (K, V from Z; M applied if `inheritable`)."""
+        return self.memory.read(z, inheritable=self.inheritable, training=self.training)
+
+    def decode(self, tokens: torch.Tensor, z: torch.Tensor, *, start_pos: int = 0, use_cache: bool = False,
+               last_only: bool = False, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The decoder reading visual memory z (B, N, D): tokens (B, T) at positions start_pos.. -> logits
+        (B, T, V), (B, 1, V) if last_only, or (n, V) at flat `positions` (training: the answer positions)."""
+        # Alg. 1 l.3 (the embedding) and l.9-18 (every block, the memory read beside its FFN): model/llama.py
+        return self.llama(tokens, start_pos=start_pos, memory=self.memory_read(z), use_cache=use_cache,
+                          last_only=last_only, positions=positions)
 
     def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None,
-                has_image: Optional[torch.Tensor] = None, *, z: Optional[torch.Tensor] = None,
-                start_pos: int = 0, use_cache: bool = False, last_only: bool = False,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (n, V) at flat `positions` (training: the answer positions).
-        Give images (+ has_image), or a precomputed z, or neither (a text-only batch)."""
-        if z is None:
-            z = self.visual_memory(tokens.shape[0], images, has_image)
-        read = self.memory_read(z)
-        return self.llama(tokens, start_pos=start_pos, memory=read, use_cache=use_cache, last_only=last_only,
-                          positions=positions)
+                has_image: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Algorithm 1 whole: tokens (B, T) with their images (+ has_image), or none (a text-only batch) ->
+        logits (B, T, V), or (n, V) at flat `positions`."""
+        return self.decode(tokens, self.visual_memory(tokens.shape[0], images, has_image), positions=positions)
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, z: Optional[torch.Tensor], max_new_tokens: int, eos_id: int,
@@ -91,7 +88,7 @@ class LSRM(nn.Module):
         def step(toks: torch.Tensor, pos: int) -> torch.Tensor:
             if z is None:
                 return self.llama(toks, start_pos=pos, use_cache=True, last_only=True)
-            return self(toks, z=z, start_pos=pos, use_cache=True, last_only=True)
+            return self.decode(toks, z, start_pos=pos, use_cache=True, last_only=True)
 
         try:
             logits = step(tokens, 0)                                             # prefill (B, 1, V)

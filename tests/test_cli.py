@@ -204,7 +204,7 @@ def test_visualize_writes_both_figures(trained, tmp_path):
 
 
 def test_ablate_runs_the_ladder_and_writes_a_table(tmp_path):
-    r = run("ablate", "--seeds", 2, "--sweep-seeds", 1, "--deltas", 0.1, "--lams", "--out", tmp_path, *QUICK,
+    r = run("ablate", "--seeds", 2, "--sweep-seeds", 1, "--deltas", 0.1, "--decays", "--out", tmp_path, *QUICK,
             "--set", "train.limit=16")
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "ablation.md").read_text()
@@ -226,7 +226,7 @@ def test_ablation_plan_runs_each_config_and_seed_once(seeds, sweep_seeds):
     from model.config import get_config
     from tools.ablate import plan
     cfg = get_config("tiny")
-    runs = plan(cfg, seeds, sweep_seeds, deltas=[0.1, 0.5], lams=[0.7, 0.95])
+    runs = plan(cfg, seeds, sweep_seeds, deltas=[0.1, 0.5], decays=[0.7, 0.95])
     distinct = {json.dumps(c.to_dict() | {"name": None}, sort_keys=True) for _, _, c, _ in runs}
     assert len(runs) == 4 * seeds + 5 * sweep_seeds
     assert len(distinct) == 4 * seeds + 5 * sweep_seeds - min(seeds, sweep_seeds)
@@ -277,7 +277,7 @@ def test_bad_config_is_one_line_before_anything_is_written(override, tmp_path):
 
 BAD_ABLATION = {
     ("--deltas", "1.5"): "lsrm.delta must be in [0, 1], got 1.5",
-    ("--lams", "0"): "lsrm.decay must be in (0, 1], got 0.0",
+    ("--decays", "0"): "lsrm.decay must be in (0, 1], got 0.0",
     ("--seeds", "-1"): "--seeds -1 --sweep-seeds 3: counts of runs, >= 0 and not both 0",
 }
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from model.memory import Projector, decay, lowest_mask, n_lowest
+from model.memory import Projector, decay_lowest, lowest_mask, n_lowest
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -54,37 +54,37 @@ def test_lowest_k_is_floor_and_robust_to_float_error():
 
 @SETTINGS
 @given(B=st.integers(1, 2), T=st.integers(1, 5), N=st.integers(1, 64), L=st.integers(1, 8),
-       delta=st.floats(0, 1), lam=st.floats(0.05, 1.0), seed=st.integers(0, 2 ** 16))
-def test_m_decay_counts(B, T, N, L, delta, lam, seed):
+       delta=st.floats(0, 1), decay=st.floats(0.05, 1.0), seed=st.integers(0, 2 ** 16))
+def test_m_decay_counts(B, T, N, L, delta, decay, seed):
     scores = [distinct_scores((B, T, N), seed + l) for l in range(L)]
     k = n_lowest(delta, N)
     M = torch.ones(B, T, N)
     count = torch.zeros(B, T, N)
     history = []
     for a in scores:
-        M = decay(M, a, delta, lam)
+        M = decay_lowest(M, a, delta, decay)
         count += reference_lowest(a, k).float()
         history.append(M)
-    torch.testing.assert_close(M, torch.full_like(M, lam) ** count, rtol=1e-5, atol=0)   # M = λ^c
+    torch.testing.assert_close(M, torch.full_like(M, decay) ** count, rtol=1e-5, atol=0)   # M = λ^c
     assert (M > 0).all() and (M <= 1).all()
     for before, after in zip(history, history[1:]):
         assert (after <= before).all()                              # non-increasing block to block
 
 
 @SETTINGS
-@given(N=st.integers(1, 50), L=st.integers(1, 5), delta=st.floats(0, 1), lam=st.floats(0.05, 1.0),
+@given(N=st.integers(1, 50), L=st.integers(1, 5), delta=st.floats(0, 1), decay=st.floats(0.05, 1.0),
        seed=st.integers(0, 2 ** 16))
-def test_m_stays_ones_when_nothing_decays(N, L, delta, lam, seed):
-    for d, l in ((0.0, lam), (delta, 1.0)):                         # δ = 0, or λ = 1
+def test_m_stays_ones_when_nothing_decays(N, L, delta, decay, seed):
+    for d, l in ((0.0, decay), (delta, 1.0)):                       # δ = 0, or λ = 1
         M = torch.ones(2, 3, N)
         for i in range(L):
-            M = decay(M, distinct_scores((2, 3, N), seed + i), d, l)
+            M = decay_lowest(M, distinct_scores((2, 3, N), seed + i), d, l)
         assert torch.equal(M, torch.ones(2, 3, N))
 
 
 def test_decay_carries_no_gradient():
     a = torch.randn(2, 3, 10, requires_grad=True)
-    M = decay(torch.ones(2, 3, 10), torch.nn.functional.silu(a), 0.3, 0.85)
+    M = decay_lowest(torch.ones(2, 3, 10), torch.nn.functional.silu(a), 0.3, 0.85)
     assert not M.requires_grad
 
 

@@ -86,12 +86,12 @@ def test_kv_cache_decoding_equals_full_forward_with_inheritable_on():
     model = trained_like(build(tiny(inheritable=True))).eval()
     tokens, images = batch(model.cfg, B=2, T=24)
     with torch.no_grad():
-        z = model.encode_images(images, torch.ones(2))
-        full = model(tokens, z=z)
+        z = model.visual_memory(2, images)
+        full = model.decode(tokens, z)
         model.llama.reset_cache()
-        steps = [model(tokens[:, :7], z=z, use_cache=True)]                       # prefill 7 tokens
-        steps.append(model(tokens[:, 7:12], z=z, start_pos=7, use_cache=True))   # a chunk of 5
-        steps += [model(tokens[:, t:t + 1], z=z, start_pos=t, use_cache=True) for t in range(12, 24)]
+        steps = [model.decode(tokens[:, :7], z, use_cache=True)]                       # prefill 7 tokens
+        steps.append(model.decode(tokens[:, 7:12], z, start_pos=7, use_cache=True))   # a chunk of 5
+        steps += [model.decode(tokens[:, t:t + 1], z, start_pos=t, use_cache=True) for t in range(12, 24)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -101,11 +101,12 @@ def test_inheritable_cross_attention_acts():
     model = trained_like(build(tiny(inheritable=True))).eval()
     tokens, images = batch(model.cfg)
     with torch.no_grad():
-        z = model.encode_images(images, torch.ones(3))
+        z = model.visual_memory(3, images)
         read = model.memory_read(z)
         read.history = []
         on = model.llama(tokens, memory=read)
-        off = model.inherit(False)(tokens, z=z)
+        model.inheritable = False
+        off = model.decode(tokens, z)
     assert read.M is not None and (read.M < 1).any()
     assert len(read.history) == model.cfg.llama.n_layers
     k = int(0.3 * model.cfg.lsrm.n_slots)
@@ -125,7 +126,7 @@ def test_memory_read_shapes():
     cfg = tiny()
     model = build(cfg)
     tokens, images = batch(cfg, B=2, T=5)
-    z = model.encode_images(images, torch.ones(2))
+    z = model.visual_memory(2, images)
     assert z.shape == (2, cfg.lsrm.n_slots, cfg.llama.dim)
     assert torch.equal(z[:, cfg.vit.n_patches:], torch.zeros_like(z[:, cfg.vit.n_patches:]))  # padding slots
     read = model.memory_read(z)
@@ -138,7 +139,7 @@ def test_multilevel_fusion_is_the_mean_of_the_projectors():
     model = trained_like(build(cfg)).eval()
     feats = [torch.randn(2, cfg.vit.n_patches, cfg.vit.width) for _ in cfg.lsrm.taps]
     with torch.no_grad():
-        z = model.memory.encode(feats, torch.ones(2))
+        z = model.memory.encode(feats)
         expected = sum(p(x) for p, x in zip(model.memory.projectors, feats)) / len(feats) * cfg.lsrm.feature_scale
     torch.testing.assert_close(z[:, :cfg.vit.n_patches], expected)
 
@@ -163,8 +164,8 @@ def test_mixed_batch_runs_the_vit_only_on_images():
     model = trained_like(build(tiny())).eval()
     tokens, images = batch(model.cfg)
     with torch.no_grad():
-        z = model.encode_images(images, torch.tensor([1.0, 0.0, 1.0]))
-        alone = model.encode_images(images[[0, 2]], torch.ones(2))
+        z = model.visual_memory(3, images, torch.tensor([1.0, 0.0, 1.0]))
+        alone = model.visual_memory(2, images[[0, 2]])
     assert torch.equal(z[1], torch.zeros_like(z[1]))
     torch.testing.assert_close(z[[0, 2]], alone)
 
@@ -222,7 +223,8 @@ def test_has_image_on_the_cpu_decides_without_the_device():
     tokens, images = batch(model.cfg)
     flags = torch.tensor([1.0, 0.0, 1.0])
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_images(images, flags), model.encode_images(images, flags.clone()))
+        torch.testing.assert_close(model.visual_memory(3, images, flags),
+                                   model.visual_memory(3, images, flags.clone()))
         assert torch.equal(model(tokens, images, flags), model(tokens, images, flags.to(images.device)))
 
 

@@ -109,9 +109,27 @@ def test_m_is_applied_from_shift_epoch_as_model_state_the_checkpoint_records(dat
     cfg = small_cfg()                                     # 2 epochs of 5 steps; M applied from epoch 1
     model = fresh_model(cfg)
     train(cfg, model, ds, tmp_path, stop_after=5, log=lambda s: None)
-    assert not model.inheriting and not load_checkpoint(tmp_path / "checkpoint.pt")["inheritable_used"]
+    assert not model.inheritable and not load_checkpoint(tmp_path / "checkpoint.pt")["inheritable"]
     train(cfg, model, ds, tmp_path, resume=True, stop_after=6, log=lambda s: None)
-    assert model.inheriting and load_checkpoint(tmp_path / "checkpoint.pt")["inheritable_used"]
+    assert model.inheritable and load_checkpoint(tmp_path / "checkpoint.pt")["inheritable"]
+
+
+def test_a_checkpoint_that_named_the_m_switch_inheritable_used_still_loads(dataset, tmp_path):
+    """Checkpoints written before the switch had one name recorded it as "inheritable_used": it is read as
+    "inheritable", restored by model_from_checkpoint, and the run resumes from it."""
+    from model.assemble import model_from_checkpoint
+    cfg = small_cfg()
+    train(cfg, fresh_model(cfg), dataset, tmp_path, stop_after=6, log=lambda s: None)       # M applied at step 6
+    path = tmp_path / "checkpoint.pt"
+    old = torch.load(path, weights_only=True)
+    old["inheritable_used"] = old.pop("inheritable")
+    torch.save(old, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["inheritable"] is True and "inheritable_used" not in ckpt
+    _, model, _, _ = model_from_checkpoint(str(path), torch.device("cpu"), log=lambda *a: None)
+    assert model.inheritable
+    summary = train(cfg, fresh_model(cfg), dataset, tmp_path, resume=True, log=lambda s: None)
+    assert summary["step"] == 10 and load_checkpoint(path)["inheritable"]
 
 
 def test_resume_refuses_a_different_config(dataset, tmp_path):

@@ -18,22 +18,22 @@ from model.pipeline import run
 from model.train import fmt_time
 
 
-def plan(cfg: C.Config, seeds: int, sweep_seeds: int, deltas, lams) -> list[tuple[str, str, C.Config, int]]:
+def plan(cfg: C.Config, seeds: int, sweep_seeds: int, deltas, decays) -> list[tuple[str, str, C.Config, int]]:
     """[(part, row name, config with its seed, seed)] for part 'ladder' then 'sweep', in running order."""
-    d, lam = cfg.lsrm.delta, cfg.lsrm.decay
-    sweep = [(f"δ={x}, λ={lam}", [f"lsrm.delta={x}"]) for x in sorted({*deltas, d})] + \
-            [(f"δ={d}, λ={x}", [f"lsrm.decay={x}"]) for x in sorted({*lams} - {lam})]
+    d, decay = cfg.lsrm.delta, cfg.lsrm.decay
+    sweep = [(f"δ={x}, λ={decay}", [f"lsrm.delta={x}"]) for x in sorted({*deltas, d})] + \
+            [(f"δ={d}, λ={x}", [f"lsrm.decay={x}"]) for x in sorted({*decays} - {decay})]
     runs = [("ladder", name, c, s) for name, c in C.ladder(cfg) for s in range(seeds)]
     runs += [("sweep", name, C.apply_overrides(cfg, o), s) for name, o in sweep for s in range(sweep_seeds)]
     return [(part, name, C.apply_overrides(c, [f"train.seed={c.train.seed + s}"]), s) for part, name, c, s in runs]
 
 
 def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 3, deltas=(0.1, 0.5),
-           lams=(0.7, 0.95), log=print) -> str:
+           decays=(0.7, 0.95), log=print) -> str:
     """Run the plan; write out/run{i}/ for each distinct run, out/ablation.md and out/ablation.json; return
     the markdown (IMG and each picture type as mean ± std: `metrics.seeds_tables`)."""
     out, t0 = Path(out), time.time()
-    runs = plan(cfg, seeds, sweep_seeds, deltas, lams)                 # a bad δ or λ stops here, before any work
+    runs = plan(cfg, seeds, sweep_seeds, deltas, decays)                 # a bad δ or λ stops here, before any work
     tokenizer = make_tokenizer(cfg)                                    # read once for every run
     train_set = make_dataset(cfg, "train", tokenizer, limit=cfg.train.limit)
     test_set = make_dataset(cfg, cfg.train.eval_split, tokenizer)

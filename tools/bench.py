@@ -146,7 +146,7 @@ def train_step_fn(model: LSRM, batch, amp=contextlib.nullcontext, answers_only: 
 def generate_full_prefix(model: LSRM, tokens, z, n: int):
     """Greedy decoding without a KV cache: every new token re-runs the whole sequence."""
     for _ in range(n):
-        nxt = model(tokens, z=z, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        nxt = model.decode(tokens, z, last_only=True)[:, -1].argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt], 1)
     return tokens
 
@@ -162,8 +162,8 @@ def bench_training_and_generation(cfg: Config, device, reps: int) -> list[dict]:
 
     prompt, _, images, has_image = make_batch(cfg, PROMPT, device)
     with torch.no_grad():
-        z_base = base.eval().encode_images(images, has_image)
-        z_lsrm = lsrm.eval().encode_images(images, has_image)
+        z_base = base.eval().visual_memory(BATCH, images, has_image)
+        z_lsrm = lsrm.eval().visual_memory(BATCH, images, has_image)
     gen = lambda m, z: lambda: m.generate(prompt, z, NEW_TOKENS, eos_id=-1)      # eos -1: never stops
     per_token = 1e3 / NEW_TOKENS
     note = f"prompt {PROMPT} + {NEW_TOKENS} new tokens, batch {BATCH}; time per token includes the prefill"

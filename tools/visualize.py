@@ -59,10 +59,9 @@ def labelled(tiles: list[tuple[str, Image.Image]], title: str) -> Image.Image:
 def inheritable_maps(model: LSRM, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """M after the last block for every position of `tokens` (1, T) with `image` (1, 3, H, W): (T, P)."""
     model.eval()
-    applied = model.inheriting
-    model.inherit(True)              # M is drawn even where training did not apply it (MemVP, before shift_epoch)
-    read = model.memory_read(model.visual_memory(1, image))
-    model.inherit(applied)
+    applied, model.inheritable = model.inheritable, True   # M is drawn even where training did not apply it
+    read = model.memory_read(model.visual_memory(1, image))            # (MemVP, before shift_epoch)
+    model.inheritable = applied
     model.llama(tokens, memory=read)
     return read.M[0, :, : model.cfg.vit.n_patches].float().cpu()                      # (T, P)
 
@@ -105,13 +104,13 @@ def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor,
     ids = [tokenizer.bos_id] + tokenizer.encode(text)
     M = inheritable_maps(model, torch.tensor([ids], device=image.device), image)
     g = model.cfg.vit.grid
-    lam, layers = model.cfg.lsrm.decay, model.cfg.llama.n_layers
+    decay, layers = model.cfg.lsrm.decay, model.cfg.llama.n_layers
     tiles = []
     for pos in positions:
         tok = tokenizer.decode([ids[pos]]).replace("\n", "\\n") or f"#{ids[pos]}"
         context = tokenizer.decode(ids[max(1, pos - 12):pos + 1]).replace("\n", " ")
         grid = M[pos].reshape(g, g).numpy()
-        tiles.append((f"{context!r} -> {tok!r}", overlay(pil_image, grid, fixed_range=(lam ** layers, 1.0))))
+        tiles.append((f"{context!r} -> {tok!r}", overlay(pil_image, grid, fixed_range=(decay ** layers, 1.0))))
     return labelled(tiles, f"Figure 3: inheritable matrix M after {layers} blocks "
                            f"(bright = kept, dark = decayed towards lambda^{layers})")
 
@@ -143,8 +142,9 @@ def figure5(model: LSRM, pil_image: Image.Image, image: torch.Tensor) -> Image.I
     tiles = [(f"block {t + 1} projector |SRProj(x_p)|", overlay(pil_image, m)) for t, m in maps]
     bars = []
     for proj, t in zip(model.memory.projectors, taps):
-        lam = proj.Lambda.float().cpu().numpy() if proj.Lambda is not None else np.ones(proj.fc1.out_features)
-        bars.append((f"Lambda, block {t + 1}: {lam.min():.2f}..{lam.max():.2f}", bar_chart(np.sort(lam)[::-1])))
+        Lambda = proj.Lambda.float().cpu().numpy() if proj.Lambda is not None else np.ones(proj.fc1.out_features)
+        bars.append((f"Lambda, block {t + 1}: {Lambda.min():.2f}..{Lambda.max():.2f}",
+                     bar_chart(np.sort(Lambda)[::-1])))
     top = labelled(bars, "Figure 5a: learned Lambda (diagonal of the SRProj), sorted; line = 1 (init)")
     bottom = labelled(tiles, "Figure 5b: per-patch activation of each layer's projector")
     sheet = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
