@@ -77,15 +77,21 @@ class Attention(nn.Module):
     def _cached(self, k, v, start_pos: int):
         """Write k, v (B, KV, T, hd) at start_pos; return all keys/values up to start_pos + T. A new cache holds
         the prompt plus CACHE_ROOM tokens (up to max_seq_len), so decoding that many never reallocates; past
-        that it grows by CACHE_ROOM at a time (doubling held twice the prompt's cache for a 4-token answer)."""
+        that it grows by CACHE_ROOM at a time, keeping what it holds (doubling held twice the prompt's cache for
+        a 4-token answer). Tokens at start_pos > 0 continue the cache of their own batch: any other is refused."""
         B, _, T, _ = k.shape
         end = start_pos + T
         c = self.cache_k
-        if c is None or c.shape[0] != B or c.device != k.device or c.dtype != k.dtype or c.shape[2] < end:
+        same = c is not None and (c.shape[0], c.device, c.dtype) == (B, k.device, k.dtype)
+        if start_pos > 0 and not (same and c.shape[2] >= start_pos):
+            held = "nothing" if c is None else f"{c.shape[0]} rows of {c.shape[2]} positions ({c.dtype}, {c.device})"
+            raise RuntimeError(f"KV cache: {B} rows at position {start_pos} ({k.dtype}, {k.device}) do not continue "
+                               f"the cache, which holds {held}: reset_cache() and start at position 0")
+        if not same or c.shape[2] < end:
             size = min(end + CACHE_ROOM, self.max_seq_len)          # forward() keeps end <= max_seq_len
             new_k = k.new_zeros(B, self.n_kv_heads, size, self.head_dim)
             new_v = torch.zeros_like(new_k)
-            if c is not None and start_pos > 0:              # growing an existing cache: keep its contents
+            if start_pos > 0:                                # growing this batch's cache: keep its contents
                 new_k[:, :, :start_pos] = c[:, :, :start_pos]
                 new_v[:, :, :start_pos] = self.cache_v[:, :, :start_pos]
             self.cache_k, self.cache_v = new_k, new_v

@@ -217,6 +217,40 @@ def test_kv_cache_holds_the_prompt_and_room_to_decode():
     model.llama.reset_cache()
 
 
+def test_kv_cache_grown_past_its_room_keeps_what_it_held():
+    """Decoding past CACHE_ROOM reallocates the cache and copies what it held: the logits are a full pass's."""
+    from model.llama import CACHE_ROOM
+    model = trained_like(build(tiny())).eval()
+    tokens, images = batch(model.cfg, B=2, T=20 + CACHE_ROOM + 3)
+    with torch.no_grad():
+        z = model.visual_memory(2, images)
+        full = model.decode(tokens, z)
+        model.llama.reset_cache()
+        steps = [model.decode(tokens[:, :20], z, use_cache=True)]
+        steps += [model.decode(tokens[:, t:t + 1], z, start_pos=t, use_cache=True) for t in range(20, tokens.shape[1])]
+        assert model.llama.layers[0].attention.cache_k.shape[2] > 20 + CACHE_ROOM           # it grew
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    model.llama.reset_cache()
+
+
+def test_kv_cache_refuses_tokens_that_continue_another_batch():
+    """A cache holds one batch's rows: tokens at a later position from a batch of another size (or none cached)
+    are refused in one line, not mixed with the old rows (a cache of 1 row once broadcast into every row)."""
+    model = build(tiny()).eval()
+    tokens, _ = batch(model.cfg, B=3, T=8)
+    with torch.no_grad():
+        model.llama(tokens[:1], use_cache=True)                                       # a 1-row cache
+        with pytest.raises(RuntimeError, match="3 rows at position 8 .* do not continue the cache") as info:
+            model.llama(tokens[:, :1], start_pos=8, use_cache=True)
+        assert "\n" not in str(info.value) and "reset_cache()" in str(info.value)
+        model.llama(tokens, use_cache=True)                                          # a new prompt: a new cache
+        assert model.llama.layers[0].attention.cache_k.shape[0] == 3
+        model.llama.reset_cache()
+        with pytest.raises(RuntimeError, match="which holds nothing"):
+            model.llama(tokens[:, :1], start_pos=5, use_cache=True)
+    model.llama.reset_cache()
+
+
 def test_has_image_on_the_cpu_decides_without_the_device():
     """The trainer keeps has_image on the CPU (no device sync per micro-batch); the result is the same."""
     model = trained_like(build(tiny())).eval()
