@@ -3,12 +3,13 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from model import get_config
 from model.config import apply_overrides, ladder
 from model.memory import InheritableCrossAttention
 from model.vit import VisionTransformer
-from model.vlm import adapter_state_dict, build, is_adapter
+from model.vlm import adapter_state_dict, build, cast_frozen, is_adapter
 
 
 def tiny(**lsrm):
@@ -186,7 +187,6 @@ def test_logits_at_answer_positions_only():
 def test_memory_keys_and_values_are_cast_once_per_forward(monkeypatch):
     """With bf16 frozen weights under autocast the first block casts K and V to bf16 and every later block
     reuses that one copy (one per block, each kept for backward, was ~650 MB at 7B)."""
-    from model.vlm import cast_frozen
     model = cast_frozen(build(tiny()), torch.bfloat16)
     tokens, images = batch(model.cfg)
     seen, call = [], InheritableCrossAttention.__call__
@@ -286,3 +286,44 @@ def test_focus_on_named_is_M_on_the_mask_against_M_off_it():
     off = (M[5, ~mask].mean() + M[9, ~mask].mean()) / 2
     assert f["on"] == pytest.approx(float(on)) and f["off"] == pytest.approx(float(off))
     assert (M < 1).any()                                                      # M has decayed somewhere
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants of the whole model for any δ, λ and taps (Hypothesis)
+
+@settings(max_examples=12, deadline=None)
+@given(nothing_decays=st.sampled_from(["delta=0", "decay=1"]), delta=st.floats(0, 1), decay=st.floats(0.05, 1.0),
+       seed=st.integers(0, 2 ** 16))
+def test_m_that_never_decays_is_m_switched_off(nothing_decays, delta, decay, seed):
+    """δ = 0 (no entry among the lowest) or λ = 1 (decayed by 1) through every block of the model: exactly the
+    same logits as with M switched off (MemVP's read), whatever the other of the two."""
+    cfg = tiny(delta=0.0 if nothing_decays == "delta=0" else delta, decay=1.0 if nothing_decays == "decay=1" else decay)
+    torch.manual_seed(seed)
+    model = trained_like(build(cfg), seed).eval()
+    tokens, images = batch(cfg, B=2, T=9, seed=seed)
+    with torch.no_grad():
+        z = model.visual_memory(2, images)
+        read = model.memory_read(z)
+        on = model.llama(tokens, memory=read)
+        model.inheritable = False
+        off = model.decode(tokens, z)
+    assert read.M is not None and torch.equal(read.M, torch.ones_like(read.M))
+    assert torch.equal(on, off)
+
+
+@settings(max_examples=15, deadline=None)
+@given(taps=st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True), hidden=st.integers(1, 48),
+       srproj=st.booleans(), frozen=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+def test_one_lambda_per_tap_kept_in_fp32_after_the_frozen_parts_are_cast(taps, hidden, srproj, frozen):
+    """SRProj: one Λ (d_h,) per tapped layer (none without srproj), trainable, kept in fp32 when the frozen
+    weights are cast to bf16/fp16, and out of weight decay."""
+    from model.train import make_optimizer
+    cfg = apply_overrides(get_config("tiny"), [f"lsrm.taps={','.join(map(str, taps))}", f"lsrm.proj_hidden={hidden}",
+                                               f"lsrm.srproj={srproj}"])
+    model = cast_frozen(build(cfg), frozen)
+    lambdas = {n: p for n, p in model.named_parameters() if n.endswith(".Lambda")}
+    assert sorted(lambdas) == ([f"memory.projectors.{i}.Lambda" for i in range(len(taps))] if srproj else [])
+    assert all(p.shape == (hidden,) and p.dtype == torch.float32 and p.requires_grad for p in lambdas.values())
+    assert model.llama.norm.weight.dtype == frozen
+    no_decay = make_optimizer(model, cfg).param_groups[1]
+    assert no_decay["weight_decay"] == 0 and all(any(p is q for q in no_decay["params"]) for p in lambdas.values())
