@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except LsrmError as e:                   # the project's own errors (model/errors.py): one line; others keep
-        print(f"error: {e}", file=sys.stderr)  # their traceback, as a bug's must
+    except LsrmError as e:           # ours only (model/errors.py): any other exception is a bug and keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(e, file=sys.stderr)

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from . import config as C
+from .checkpoint import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
 from .data import VLDataset, check_images, read_coco, read_scienceqa
 from .errors import ConfigError, DataError, MissingPackage, UserError
 from .paths import resolve
 from .tokenizer import ByteTokenizer
-from .checkpoint import backbone_fingerprint, config_diff, load_adapters, load_checkpoint
 from .vlm import LSRM, build, cast_frozen
 from .weights import load_own
+
 
 def load_config(name: str, overrides: list[str] | None = None) -> C.Config:
     try:

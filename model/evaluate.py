@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import Example, scienceqa_prompt
 from .checkpoint import write_atomically
+from .data import Example, scienceqa_prompt
 from .metrics import (MIN_GAP, NUMBER, answer_complete, bounds_table, caption_metrics, format_table, gap_closed,
                       hop_metrics, hop_record, hop_table, solution_steps, step_kinds,
                       generation_metrics, generation_table, parse_answer, parse_generated, scienceqa_metrics,
