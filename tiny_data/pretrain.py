@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.checkpoint import atomic_save, write_atomically
 from model.config import Config, LlamaConfig, ViTConfig
 from model.data import preprocess_image
 from model.errors import CheckpointError, WeightsError
 from model.llama import Transformer
-from model.checkpoint import atomic_save, write_atomically
 from model.paths import ROOT
 from model.train import autocast
 from model.weights import all_finite
