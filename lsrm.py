@@ -28,7 +28,7 @@ import torch
 from model import config as C
 from model.assemble import (UserError, data_fingerprint, load_config, make_dataset, make_tokenizer,
                             model_from_checkpoint, model_from_config, resolve)
-from model.data import collate, load_image
+from model.data import collate, load_pixels
 from model.evaluate import TextStream, evaluate, generate, report, save
 from model.rundir import check_out_file, check_resumable, check_run_dir, check_writable, hold_run_dir
 from model.tokenizer import MissingPackage
@@ -127,7 +127,7 @@ def cmd_generate(args) -> None:
     cfg, model, tokenizer, ckpt = model_from_checkpoint(args.ckpt, device, args.set, log=lambda *a: None)
     prompt = args.prompt.replace("\\n", "\n")
     tokens = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=device)
-    image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
+    image = load_pixels(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
     stream = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
     generate(model, tokens, model.visual_memory(1, image), args.max_new_tokens, tokenizer.eos_id, on_token=stream)
     print(stream.rest())

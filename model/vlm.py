@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import Config
+from .data import normalize
 from .llama import Transformer
 from .memory import VisualMemory, InheritableCrossAttention
 from .vit import VisionTransformer
@@ -38,10 +39,12 @@ class LSRM(nn.Module):
         return self
 
     def encode_images(self, images: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D).
+        """images (B, 3, H, W), has_image (B,) -> visual memory Z (B, N, D). uint8 pictures are normalised here, on
+        their device, in float32 (train.preprocess's mean and std); float images are taken as normalised already.
 
         Items without an image get Z = 0 (only P1/P2 remain), so the ViT runs only on those with one. Which
         those are is decided on the CPU: the trainer passes has_image there, so no step waits on the GPU."""
+        images = normalize(images, self.cfg.train.preprocess)               # (B, 3, H, W) float32
         keep = has_image.detach().cpu() > 0                                  # (B,) bool, on the CPU
         flags = has_image.to(images.device)
         if keep.all():
