@@ -138,6 +138,7 @@ def run_data_bench(n_images: int = 20_000, workers: int = 2, old: bool = True, l
         t0 = time.time()
         root = write_coco(Path(tmp), n_images, log=log)
         written = time.time() - t0
+        os.sync()               # the kernel would write the new files out during the first timed pass otherwise
         size_mb = sum(f.stat().st_size for f in (root / "train2014").iterdir()) / 2 ** 20
         captions = read_coco(root, "train")             # 5 items per picture, held as training holds them
         pictures = [e for e in captions if e.id.endswith("-0")]          # the pass: each picture once
