@@ -28,7 +28,7 @@ import torch
 
 from model import config as C
 from model.assemble import data_fingerprint, load_config, make_dataset, make_tokenizer, model_from_checkpoint
-from model.data import load_image
+from model.data import load_pixels
 from model.errors import LsrmError, UserError
 from model.evaluate import evaluate, report, save
 from model.pipeline import run
@@ -137,7 +137,7 @@ def cmd_generate(args) -> None:
     if tokens.shape[1] > cfg.llama.max_seq_len:
         raise UserError(f"--prompt: {tokens.shape[1]} tokens with BOS, more than the decoder reads "
                         f"(llama.max_seq_len={cfg.llama.max_seq_len})")
-    image = load_image(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
+    image = load_pixels(Path(args.image), cfg.vit.image_size, cfg.train.preprocess)[None].to(device) if args.image else None
     stream = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
     model.generate(tokens, model.visual_memory(1, image), args.max_new_tokens, tokenizer.eos_id, on_token=stream)
     print(stream.rest())

@@ -3,8 +3,10 @@
   read_scienceqa / read_coco   files -> list[Example] (prompt, target, image path, info for metrics),
                                validated before anything trains: a bad file raises DataError, one
                                line naming the file and the problem
-  load_image, preprocess_image image file / PIL image -> (3, S, S) tensor, CLIP's preprocessing or the
-                               released code's (image_pixels: the uint8 picture before normalising)
+  load_pixels                  image file -> the (3, S, S) uint8 picture the model takes (CLIP's
+                               preprocessing or the released code's); `normalize` makes it the ViT's input,
+                               on the model's device, at the start of LSRM.visual_memory
+  load_image, preprocess_image image file / PIL image -> the normalised (3, S, S) float32 tensor (the bare ViT's)
   VLDataset, collate           Examples -> token ids -> padded batches whose loss covers the answer only
 
 The same readers serve the real datasets and the committed toy ones in tiny_data/ (same layouts).
@@ -12,6 +14,7 @@ The same readers serve the real datasets and the committed toy ones in tiny_data
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import string
 from dataclasses import dataclass, field
@@ -284,8 +287,14 @@ def _8bit(img: Image.Image, path: Path) -> Image.Image:
     return img
 
 
+def load_pixels(path: str | Path, image_size: int, preprocess: str = "clip") -> torch.Tensor:
+    """Image file -> the (3, S, S) uint8 picture, resized and cropped, not normalised; DataError if missing or
+    unreadable."""
+    return channels_first(image_pixels(_open(Path(path)), image_size, preprocess))
+
+
 def load_image(path: str | Path, image_size: int, preprocess: str = "clip") -> torch.Tensor:
-    """Image file -> normalised (3, S, S) float tensor; DataError if missing or unreadable."""
+    """Image file -> normalised (3, S, S) float32 tensor; DataError if missing or unreadable."""
     return preprocess_image(_open(Path(path)), image_size, preprocess)
 
 
@@ -295,7 +304,7 @@ def preprocess_image(img: Image.Image, image_size: int, preprocess: str = "clip"
     "clip":   stock CLIP: short side to S (bicubic), center crop S x S, CLIP's mean/std (the default).
     "squash": the released code: S x S (bicubic, aspect ratio not kept), ImageNet mean/std.
     """
-    return normalize(image_pixels(img, image_size, preprocess), preprocess)
+    return normalize(channels_first(image_pixels(img, image_size, preprocess)), preprocess)
 
 
 def image_pixels(img: Image.Image, image_size: int, preprocess: str = "clip") -> np.ndarray:
@@ -315,11 +324,27 @@ def image_pixels(img: Image.Image, image_size: int, preprocess: str = "clip") ->
     return np.asarray(img)
 
 
-def normalize(pixels: np.ndarray, preprocess: str = "clip") -> torch.Tensor:
-    """(S, S, 3) uint8 -> (3, S, S) float32, less the mean, over the std (CLIP's, or ImageNet's for "squash")."""
+def channels_first(pixels: np.ndarray) -> torch.Tensor:
+    """(S, S, 3) uint8 array -> a (3, S, S) uint8 tensor of its own (a copy: PIL's arrays are read-only)."""
+    return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
+
+
+def normalize(images: torch.Tensor, preprocess: str = "clip") -> torch.Tensor:
+    """uint8 pictures (..., 3, S, S), on any device -> float32 / 255, less the mean, over the std (CLIP's, or
+    ImageNet's for "squash"), on that device. A float tensor is taken as normalised already: returned as it is."""
+    if images.is_floating_point():
+        return images
+    if images.dtype != torch.uint8:
+        raise TypeError(f"pictures must be uint8 (or normalised floats), got {images.dtype}")
+    mean, std = _mean_std(preprocess, images.device)
+    return (images.float() / 255.0 - mean) / std                           # in float32 even under autocast
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(preprocess: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on `device`, made once (a copy to a GPU at every batch would wait for it)."""
     mean, std = (CLIP_MEAN, CLIP_STD) if preprocess == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
-    x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)          # (3, S, S) in [0, 1]
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
 
 
 def check_images(examples: list[Example], decode_up_to: int = 10_000) -> bool:
@@ -339,15 +364,17 @@ def check_images(examples: list[Example], decode_up_to: int = 10_000) -> bool:
 # Tokens and batches (loss on the answer tokens only, batch trimmed)
 
 class VLDataset(torch.utils.data.Dataset):
-    """Examples -> dict(tokens, n_prompt, image, has_image). Decoded pictures are kept as uint8 (S, S, 3) up to
-    `cache_mb` per process (a DataLoader worker has its own), then no more are added: with a random order, a
-    cache that cannot hold the set saves only its share of decodes, and it never grows past its bound."""
+    """Examples -> dict(tokens, n_prompt, image, has_image); image is the (3, S, S) uint8 picture (zeros without
+    one), normalised by the model on its device: a DataLoader worker hands over a quarter of float32's bytes.
+    Decoded pictures are kept up to `cache_mb` per process (a DataLoader worker has its own), then no more are
+    added: with a random order, a cache that cannot hold the set saves only its share of decodes, and it never
+    grows past its bound."""
 
     def __init__(self, examples: list[Example], tokenizer, image_size: int, preprocess: str = "clip",
                  max_len: int = 512, cache_mb: int = 0):
         self.examples, self.tok = examples, tokenizer
         self.image_size, self.preprocess, self.max_len = image_size, preprocess, max_len
-        self.cache: dict[Path, np.ndarray] = {}
+        self.cache: dict[Path, torch.Tensor] = {}                # path -> (3, S, S) uint8
         self.cache_room = cache_mb << 20                      # bytes still free in the cache
 
     def __len__(self):
@@ -362,14 +389,15 @@ class VLDataset(torch.utils.data.Dataset):
         return collate(items, self.tok.pad_id)
 
     def image(self, path: Path | None) -> torch.Tensor:
+        """(3, S, S) uint8; a cached picture is returned itself (collate copies it into the batch)."""
         if path is None:
-            return torch.zeros(3, self.image_size, self.image_size)
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         pixels = self.cache.get(path)
         if pixels is None:
-            pixels = image_pixels(_open(path), self.image_size, self.preprocess)
+            pixels = load_pixels(path, self.image_size, self.preprocess)
             if pixels.nbytes <= self.cache_room:
                 self.cache[path], self.cache_room = pixels, self.cache_room - pixels.nbytes
-        return normalize(pixels, self.preprocess)
+        return pixels
 
     def check_lengths(self, source: Path, log=print) -> None:
         """Up front, before any work: every answer must fit in max_len (an error naming the item); items
@@ -412,5 +440,5 @@ def collate(items: list[dict], pad_id: int) -> dict:
         tokens[b, :len(seq)] = seq
         targets[b, it["n_prompt"] - 1:len(seq) - 1] = seq[it["n_prompt"]:]   # predict answer + EOS
     return dict(tokens=tokens[:, :T], targets=targets,                       # (B, T), (B, T)
-                images=torch.stack([it["image"] for it in items]),           # (B, 3, S, S)
+                images=torch.stack([it["image"] for it in items]),           # (B, 3, S, S) uint8
                 has_image=torch.tensor([it["has_image"] for it in items]))   # (B,)

@@ -143,7 +143,10 @@ class VisionTransformer(nn.Module):
         """images (B, 3, H, W) -> [hidden state after block t for t in taps], each (B, 1 + P, Dv).
 
         Raw residual-stream states (CLS first); `patch_features` gives what the visual memory reads.
+        images are normalised floats: uint8 pictures go through data.normalize first (LSRM.visual_memory does).
         """
+        if not images.is_floating_point():
+            raise TypeError(f"the ViT takes normalised float images, got {images.dtype}: see data.normalize")
         x = self.conv1(images.to(self.conv1.weight.dtype))                    # (B, Dv, g, g)
         x = x.flatten(2).transpose(1, 2)                                        # (B, P, Dv)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)        # (B, 1, Dv)

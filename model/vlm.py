@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import Config
+from .data import normalize
 from .llama import Transformer
 from .memory import VisualMemory, InheritableCrossAttention
 from .vit import VisionTransformer
@@ -42,11 +43,14 @@ class LSRM(nn.Module):
                       has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Z (B, N, D) for a batch of `batch` items: images (B, 3, H, W) read where has_image (B,) (default: every
         item), Z = 0 elsewhere and for every item when there are no images (only P1/P2 remain in the memory).
+        uint8 pictures are normalised here, on their device, in float32 (train.preprocess's mean and std); float
+        images are taken as normalised already.
 
         The ViT runs only on the items with a picture. Which those are is decided on the CPU: the trainer
         passes has_image there, so no step waits on the GPU."""
         if images is None:                              # a text-only batch
             return self.memory.p1.new_zeros(batch, self.cfg.lsrm.n_slots, self.cfg.llama.dim)
+        images = normalize(images, self.cfg.train.preprocess)                   # (B, 3, H, W) float32
         keep = torch.ones(batch, dtype=torch.bool) if has_image is None else has_image.detach().cpu() > 0   # (B,)
         if keep.all():                                  # Alg. 1 l.5: the tapped layers, l.7: SRProj and mean
             return self.memory.encode(self.visual.patch_features(images, self.cfg.lsrm.taps))

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from model.data import (CAPTION_PROMPT, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, DataError, VLDataset,
-                        check_images, collate, load_image, preprocess_image, read_coco, read_scienceqa)
+                        check_images, collate, load_image, load_pixels, normalize, preprocess_image, read_coco,
+                        read_scienceqa)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -274,7 +275,8 @@ def test_dataset_items_and_left_truncation(sqa):
     ds = VLDataset(ex, TOK, 32)
     for i, e in enumerate(ex):
         it = ds[i]
-        assert it["image"].shape == (3, 32, 32) and it["has_image"] == float(e.image is not None)
+        assert it["image"].shape == (3, 32, 32) and it["image"].dtype == torch.uint8   # the model normalises it
+        assert it["has_image"] == float(e.image is not None)
         if e.image is None:
             assert not it["image"].any()
     assert ds.cache == {}                                         # no cache unless asked for
@@ -282,14 +284,15 @@ def test_dataset_items_and_left_truncation(sqa):
 
 def test_image_cache_is_uint8_and_bounded(sqa):
     """Decoded pictures are kept as uint8 up to cache_mb, then no more are added; a cached picture gives the
-    same tensor as a fresh decode."""
+    same tensor as a fresh decode, and normalised, the floats of load_image."""
     ex = [e for e in sqa["train"] if e.image is not None][:20]
-    ds = VLDataset(ex, TOK, 256, cache_mb=1)                       # 256 x 256 x 3 bytes: five fit in 1 MB
+    ds = VLDataset(ex, TOK, 256, cache_mb=1)                       # 3 x 256 x 256 bytes: five fit in 1 MB
     first = [ds[i]["image"] for i in range(len(ex))]
-    assert len(ds.cache) == 5 and all(p.dtype == np.uint8 and p.shape == (256, 256, 3) for p in ds.cache.values())
+    assert len(ds.cache) == 5 and all(p.dtype == torch.uint8 and p.shape == (3, 256, 256) for p in ds.cache.values())
     again = [ds[i]["image"] for i in range(len(ex))]
     for i, e in enumerate(ex):
-        assert torch.equal(first[i], again[i]) and torch.equal(first[i], load_image(e.image, 256))
+        assert torch.equal(first[i], again[i]) and torch.equal(first[i], load_pixels(e.image, 256))
+        assert torch.equal(normalize(first[i]), load_image(e.image, 256))
 
 
 @pytest.mark.parametrize("mode", ["clip", "squash"])
@@ -305,6 +308,19 @@ def test_preprocessing_in_two_steps_is_bit_exact(mode):
         img = img.resize((24, 24), Image.BICUBIC)
     one_step = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     assert torch.equal(x, (one_step - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+
+
+def test_normalize_takes_uint8_batches_and_passes_floats():
+    """A batch of uint8 pictures is normalised as each picture alone; floats are normalised already (returned
+    as they are); other dtypes are refused."""
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for mode in ("clip", "squash"):
+        x = normalize(pixels, mode)
+        assert x.dtype == torch.float32 and all(torch.equal(x[i], normalize(pixels[i], mode)) for i in range(4))
+        assert normalize(x, mode) is x
+    assert not torch.equal(normalize(pixels, "clip"), normalize(pixels, "squash"))
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(pixels.long())
 
 
 def test_large_sets_are_checked_when_read(tmp_path):
@@ -327,7 +343,8 @@ def test_collate_supervises_only_the_answer(sqa):
     b = collate(items, TOK.pad_id)
     longest = max(len(it["tokens"]) for it in items)
     assert b["tokens"].shape == b["targets"].shape == (6, longest - 1)
-    assert b["images"].shape == (6, 3, 32, 32) and b["has_image"].tolist() == [it["has_image"] for it in items]
+    assert b["images"].shape == (6, 3, 32, 32) and b["images"].dtype == torch.uint8
+    assert b["has_image"].tolist() == [it["has_image"] for it in items]
     for row, (it, e) in enumerate(zip(items, ex)):
         seq, n = it["tokens"], it["n_prompt"]
         tgt = b["targets"][row]
@@ -362,6 +379,7 @@ def test_load_image_both_preprocessings(tmp_path):
     for mode in ("clip", "squash"):
         x = load_image(path, 32, mode)
         assert x.shape == (3, 32, 32) and x.isfinite().all()
+        assert torch.equal(normalize(load_pixels(path, 32, mode), mode), x)       # the same floats in two steps
     with pytest.raises(ValueError, match="preprocess"):
         load_image(path, 32, "crop")
 

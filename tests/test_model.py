@@ -171,6 +171,21 @@ def test_mixed_batch_runs_the_vit_only_on_images():
     torch.testing.assert_close(z[[0, 2]], alone)
 
 
+def test_uint8_pictures_are_normalised_in_the_model():
+    """The data hands over uint8 pictures; visual_memory normalises them with train.preprocess's mean and std:
+    the very Z of the floats normalised beforehand. The bare ViT refuses uint8 (it would read 0..255 as is)."""
+    from model.data import normalize
+    model = trained_like(build(tiny())).eval()
+    S = model.cfg.vit.image_size
+    pixels = torch.randint(0, 256, (3, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flags = torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        z = model.visual_memory(3, pixels, flags)
+        assert torch.equal(z, model.visual_memory(3, normalize(pixels, model.cfg.train.preprocess), flags))
+    with pytest.raises(TypeError, match="normalised float"):
+        model.visual(pixels, [1])
+
+
 def test_logits_at_answer_positions_only():
     """positions (flat indices into B·T) gives exactly those rows of the full logits, and nothing else."""
     model = trained_like(build(tiny())).eval()

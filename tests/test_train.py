@@ -279,6 +279,21 @@ def test_workers_change_no_number(dataset, tmp_path):
     assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
+def test_loader_hands_back_tensors_whatever_crossed_the_pipe(dataset):
+    """The small tensors cross from a worker as numpy arrays (no shared-memory file each) and come back as
+    tensors: with 2 workers the very batches, dtypes and all, of the loop built in the training process."""
+    ds, col = dataset
+    got = {}
+    for workers in (0, 2):
+        cfg = small_cfg(f"train.workers={workers}")
+        got[workers] = list(train_module.make_loader(ds, col, cfg, 0, 1, 0, 3, torch.device("cpu")))
+    assert len(got[0]) == len(got[2]) == 6
+    for a, b in zip(got[0], got[2]):
+        assert a.keys() == b.keys() and all(isinstance(v, torch.Tensor) for v in b.values())
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert got[2][0]["images"].dtype == torch.uint8 and got[2][0]["tokens"].dtype == torch.long
+
+
 def test_backward_runs_outside_autocast(dataset, tmp_path):
     """With bf16 frozen weights the forward runs under bf16 autocast and backward after it (gradients are
     then computed in the dtypes the forward saved, not re-autocast)."""

@@ -5,7 +5,8 @@ A synthetic COCO-format set is written to a temporary directory: Karpathy's `dat
 JPEGs of COCO's size (640 x 480 or 480 x 640, smooth colour fields with grain, ~130 KB where COCO's average
 ~160 KB), 5 captions each. One pass over its pictures (each once, in a training permutation) at the paper's
 image size (224, CLIP's preprocessing) and batch (32 a step, micro-batches of 4) is timed through the trainer's
-DataLoader with 0 worker processes and with `--workers`, taking the memory of the process and its workers
+DataLoader with 0 worker processes and with `--workers` (pictures handed over as uint8: the model normalises
+them on its device, which is not timed here), taking the memory of the process and its workers
 (PSS, so pages they share count once) at the first batch, half way and at the last. The old path (every
 picture kept as float32 for the whole run, batches built in the training loop) runs on the same set for its
 memory growth.
@@ -136,6 +137,7 @@ def run_data_bench(n_images: int = 20_000, workers: int = 2, old: bool = True, l
         t0 = time.time()
         root = write_coco(Path(tmp), n_images, log=log)
         written = time.time() - t0
+        os.sync()               # the kernel would write the new files out during the first timed pass otherwise
         size_mb = sum(f.stat().st_size for f in (root / "train2014").iterdir()) / 2 ** 20
         captions = read_coco(root, "train")             # 5 items per picture, held as training holds them
         pictures = [e for e in captions if e.id.endswith("-0")]          # the pass: each picture once

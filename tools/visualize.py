@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from model.data import normalize
 from model.vlm import LSRM
 
 # a perceptual dark-to-bright ramp (approximately matplotlib's "inferno" at five stops)
@@ -119,7 +120,8 @@ def figure3(model: LSRM, tokenizer, pil_image: Image.Image, image: torch.Tensor,
 def projector_maps(model: LSRM, image: torch.Tensor) -> list[np.ndarray]:
     """Per tapped layer, |SRProj_l(x_p)| for every patch p of `image` (1, 3, H, W): a (P,) array each."""
     model.eval()
-    feats = model.memory.project(model.visual.patch_features(image, model.cfg.lsrm.taps))
+    feats = model.memory.project(model.visual.patch_features(normalize(image, model.cfg.train.preprocess),
+                                                             model.cfg.lsrm.taps))
     return [f[0].norm(dim=-1).float().cpu().numpy() for f in feats]                 # (1, P, D) -> (P,)
 
 
@@ -177,10 +179,10 @@ def draw_figures(model: LSRM, tokenizer, path: Path, prompt: str, out: Path, dev
     """Figures 3 and 5 for one image and prompt: the model answers it, and Figure 3 shows M at four positions
     (mid-question, end of the question line, the answer's first and last token). Returns the answer and both
     PNGs' paths."""
-    from model.data import load_image
+    from model.data import load_pixels
     from model.evaluate import ANSWER_PREFIX
     cfg = model.cfg
-    image = load_image(path, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+    image = load_pixels(path, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)      # (1, 3, S, S) uint8
     prefix = ANSWER_PREFIX if cfg.train.task == "scienceqa" else ""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt + prefix)
     answer = model.generate(torch.tensor([ids], device=device), model.visual_memory(1, image), 8, tokenizer.eos_id)[0]
@@ -199,7 +201,7 @@ def focus_report(model: LSRM, tokenizer, examples, device, limit: int = 200) -> 
     of each object the question names by one of the toy palette's colours ("the red circle": the token after
     "red") against M on the rest of the picture (focus_on_named), and each projector's activation there
     against the rest (projector_focus)."""
-    from model.data import load_image
+    from model.data import load_pixels
     from tiny_data.make_tiny_data import COLOURS as palette
     cfg, items = model.cfg, []
     for ex in [e for e in examples if e.image is not None][:limit]:
@@ -208,7 +210,7 @@ def focus_report(model: LSRM, tokenizer, examples, device, limit: int = 200) -> 
         named = [(p + 1, colour_mask(pil, palette[word], cfg.vit.grid)) for p in range(1, len(ids) - 1)
                  if (word := tokenizer.decode([ids[p]]).strip()) in palette]
         if named:
-            image = load_image(ex.image, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
+            image = load_pixels(ex.image, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)
             items.append((torch.tensor([ids], device=device), image, named))
     f, r = focus_on_named(model, items), projector_focus(model, items)
     lines = []
