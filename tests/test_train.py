@@ -282,11 +282,10 @@ def test_workers_change_no_number(dataset, tmp_path):
 def test_loader_hands_back_tensors_whatever_crossed_the_pipe(dataset):
     """The small tensors cross from a worker as numpy arrays (no shared-memory file each) and come back as
     tensors: with 2 workers the very batches, dtypes and all, of the loop built in the training process."""
-    ds, col = dataset
     got = {}
     for workers in (0, 2):
         cfg = small_cfg(f"train.workers={workers}")
-        got[workers] = list(train_module.make_loader(ds, col, cfg, 0, 1, 0, 3, torch.device("cpu")))
+        got[workers] = list(train_module.make_loader(dataset, cfg, 0, 1, 0, 3, torch.device("cpu")))
     assert len(got[0]) == len(got[2]) == 6
     for a, b in zip(got[0], got[2]):
         assert a.keys() == b.keys() and all(isinstance(v, torch.Tensor) for v in b.values())
