@@ -190,7 +190,7 @@ def cmd_probe(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    """Pretrain the tiny backbones and write the committed files (README: command, torch version, checksums)."""
+    """Pretrain the tiny backbones and write the committed files (tiny_data/README.md: the command, checksums)."""
     from tiny_data.pretrain import BACKBONES, write_backbones
     cfg = load_config(args.config, args.set)
     tiny_only(cfg, "only the tiny ViT and decoder are pretrained here")
@@ -236,7 +236,8 @@ def cmd_bench(args) -> None:
     print(f"wrote {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (tests parse the documents' command lines with it)."""
     ap = argparse.ArgumentParser(prog="lsrm.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train")
         return p
 
-    p = command("train", cmd_train, "fine-tune (tiny: pretrain backbones first), then evaluate", config="tiny")
+    p = command("train", cmd_train, "fine-tune the adapters, then evaluate (tiny: the committed backbones)",
+                config="tiny")
     p.add_argument("--out", help="run directory (default runs/CONFIG)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p = command("pretrain", cmd_pretrain, "pretrain the tiny backbones into tiny_data/backbones (committed)",
                 config="tiny", config_help="tiny (the only preset with its own backbones)")
     p.add_argument("--out", help="directory for vit.pt and lm.pt (default tiny_data/backbones)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the files depend on it; README: 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (the files depend on it: 2 wrote the committed ones)")
     p.add_argument("--smoke", action="store_true", help="a few steps only: files that load (CI)")
 
     p = command("params", cmd_params, "count trainable and total parameters (built on the meta device)", config="tiny")
@@ -321,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", help="an image file (default: the first test image of the checkpoint's data)")
     p.add_argument("--prompt", help="the prompt (default: that test item's)")
     p.add_argument("--out", default="runs/figures", help="directory for the PNGs")
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except LsrmError as e:           # ours only (model/errors.py): any other exception is a bug and keeps its traceback

@@ -122,7 +122,7 @@ def format_table(metrics: dict, title: str | None = None) -> str:
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    """{method name: scienceqa_metrics(...)} as a Markdown table (README, tutorial)."""
+    """{method name: scienceqa_metrics(...)} as a Markdown table."""
     lines = ["| Method | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(_cell(m[c]) for c in COLUMNS) + " |")

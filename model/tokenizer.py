@@ -29,8 +29,7 @@ class WordTokenizer(ByteTokenizer):
     one punctuation mark, one whitespace character); a piece in the list is one token, any other piece its
     bytes. So every text encodes and decode(encode(t)) == t. Why not bytes alone: a question is ~3.3x more
     tokens as bytes, and the tiny decoder then learns too slowly to answer anything in the time the CPU path
-    allows (measured on the same fixed-order data, similar pretraining time: text-only questions 48.30% as
-    bytes, 79.55% as words; README).
+    allows (measured on the same fixed-order data, similar pretraining time: docs/results.md, "What we tried").
     """
     PATTERN = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s"
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pretraining done by tests goes to its own cache, so a test run (1 thread) never leaves tiny backbones
-# that differ in the last bits from the ones `python lsrm.py train` (2 threads) makes for the README's figures.
+# that differ in the last bits from the ones `python lsrm.py train` (2 threads) makes for the documents' figures.
 os.environ["LSRM_CACHE"] = str(ROOT / "runs" / "test-cache")
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "LSRM_CACHE": os.environ["LSRM_CACHE"]}
 

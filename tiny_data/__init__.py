@@ -1,4 +1,4 @@
-"""The toy world behind the committed datasets (README.md), and what is built from it.
+"""The toy world behind the committed datasets (tiny_data/README.md), and what is built from it.
 
 make_tiny_data.py  the generator: `python tiny_data/make_tiny_data.py` rewrites scienceqa/ and coco/
 pretrain.py        the tiny backbones (backbones/vit.pt, lm.pt), pretrained on this world

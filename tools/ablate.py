@@ -1,4 +1,4 @@
-"""The paper's Table 5 and its δ/λ study (`python lsrm.py ablate`; tutorial §8).
+"""The paper's Table 5 and its δ/λ study (`python lsrm.py ablate`; tutorial §9, docs/results.md).
 
 The ladder (`ladder` in model/config.py: MemVP, + multilevel fusion, + SRProj, + inheritable
 cross-attention) is trained and tested over several seeds, then δ and λ are swept around the config's
