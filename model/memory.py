@@ -2,7 +2,7 @@
 the projectors and their mean (Z), K and V, then the inheritable cross-attention that reads them.
 
 Each line that does a step of the algorithm carries its tag, "Alg. 1 l.N", with its equation; the table in
-README.md maps the paper to the code, docs/method.md writes the equations out. Alg. 1 l.5 (the ViT's tapped
+README.md maps the paper to the code, docs/equations.md writes the equations out. Alg. 1 l.5 (the ViT's tapped
 layers) is in model/vlm.py; l.3, l.9, l.10 and l.17 (the text embedding, the loop over the decoder blocks,
 each block's attention, and its FFN beside which the memory is added) in model/llama.py.
 """
