@@ -82,3 +82,5 @@ def test_teaching_the_decoder_leaves_it_frozen_and_the_query_is_measured_per_blo
     assert len(out["words"]) == 2 and all(0 <= w <= 100 for w in out["words"])
     assert [q["block"] for q in out["query"]] == list(range(cfg.llama.n_layers))
     assert all(q["mean"] > 0 and q["spread"] >= 0 and 0 <= q["name share"] <= 100 + 1e-6 for q in out["query"])
+    for q in out["query"]:                                  # the name's part: the share of the spread, in norm
+        assert q["name part"] == pytest.approx(q["spread"] * (q["name share"] / 100) ** 0.5, rel=1e-4)

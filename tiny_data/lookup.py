@@ -197,7 +197,8 @@ def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batc
 def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool = False) -> list[dict]:
     """Per decoder block: the FFN input u (the memory read's query) at each item's last token, (n, D). -> |mean u|,
     the spread (root mean squared distance to the mean) and the % of its variance explained by which object the
-    item names (between-name over total)."""
+    item names (between-name over total); "name part" is that part's own spread, the root of the between-name
+    variance: how far the queries of two named objects lie apart."""
     us = {}
     hooks = [block.ffn_norm.register_forward_hook(lambda m, i, o, b=b: us.__setitem__(b, o))
              for b, block in enumerate(model.llama.layers)]
@@ -216,7 +217,7 @@ def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool
         between = sum(((u[[i for i, m in enumerate(named) if m == k]].mean(0) - mean) ** 2).sum() * named.count(k)
                       for k in set(named)) / len(items)
         rows.append({"block": b, "mean": mean.norm().item(), "spread": total.sqrt().item(),
-                     "name share": 100.0 * (between / total).item()})
+                     "name share": 100.0 * (between / total).item(), "name part": between.sqrt().item()})
     return rows
 
 
@@ -274,9 +275,10 @@ def main(argv=None) -> None:
     out = run(cfg, args.steps, args.ideal, args.wording, args.axis, n_objects=tuple(map(int, args.objects.split(","))),
               every=args.every, seed=args.seed, teach_decoder=args.teach_decoder)
     print("the decoder's look-up in words: " + " -> ".join(f"{w:.1f}%" for w in out["words"]))
-    print("the read's query u at the look-up token, per block: |mean u|, spread, % of the spread's variance the name explains")
+    print("the read's query u at the look-up token, per block: |mean u|, spread, % of the spread's variance the name "
+          "explains, the name's part of the spread")
     for q in out["query"]:
-        print(f"  block {q['block']}: {q['mean']:.2f}, {q['spread']:.2f}, {q['name share']:.1f}%")
+        print(f"  block {q['block']}: {q['mean']:.2f}, {q['spread']:.2f}, {q['name share']:.1f}%, {q['name part']:.2f}")
     s = out["scores"][-1][1]
     print(f"look-up after {out['steps']} steps ({out['seconds']:.0f} s), {'ideal features' if args.ideal else 'the ViT'}:"
           f" exact {s['own']:.1f}% (shuffled pictures {s['shuffled']:.1f}%),"
