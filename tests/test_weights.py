@@ -589,7 +589,8 @@ def test_vit_timm_state_dict(clip, tmp_path):
 
 def test_vit_against_timm(clip, tmp_path):
     # timm is optional and cannot be installed on this project's machines: skip without it, even in CI
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="timm is optional: it imports torchvision, which has no CPU wheel "
+                                              "here (installing either replaces torch with a CUDA build)")
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, pre_norm=True, num_classes=48,
         norm_layer=nn.LayerNorm,
