@@ -21,7 +21,8 @@ block, how much of u depends on which object is named: the norm of its mean over
 and the share of that spread explained by the name. `--teach-decoder STEPS` first continues the frozen decoder's
 pretraining for STEPS steps on the look-up in words (a picture's facts as sentences, then two of them asked
 again: "The red circle is in column 2, row 5. ... The red circle is in column" -> " 2"), the hop the oracle
-needs, before the decoder is frozen for the adapters' training.
+needs, half of each step on its own corpus so that it keeps its answer format, before the decoder is frozen
+for the adapters' training.
 
     python -m tiny_data.lookup [--steps 600] [--ideal] [--teach-decoder 0] [--wording "The {name} is in {axis}"]
                                [--set k=v ...]
@@ -173,18 +174,27 @@ def words_lookup_accuracy(llama: nn.Module, tokenizer, n: int = 300, seed: int =
     return 100.0 * (guess == tokens[:, 1:])[asked].float().mean().item()
 
 
-def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batch_size: int = 24, seed: int = 0,
+def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batch_size: int = 12, seed: int = 0,
                  log=print) -> None:
-    """Continue the decoder's pretraining on words_lookup_document for `steps` AdamW steps (weighted next-token
-    loss), then freeze it again."""
-    rng = random.Random(seed)
+    """Continue the decoder's pretraining for `steps` AdamW steps, each on `batch_size` rows of its own corpus
+    (tiny_data/pretrain.py's, so it keeps what it knew: the answer format) and `batch_size` words_lookup_document
+    (weighted next-token loss on both, summed), then freeze it again."""
+    from tiny_data import pretrain
+    recipe = pretrain.LM_RECIPE
+    rows, row_weights = pretrain.pack_documents(world.text_corpus(recipe["seed"] + 7, 20000), tokenizer,
+                                                recipe["seq_len"], recipe["answer_weight"])
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     llama.requires_grad_(True)
     opt = torch.optim.AdamW(llama.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def weighted_loss(tokens, weights):                  # weights[:, i]: of predicting tokens[:, i + 1]
+        loss = F.cross_entropy(llama(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return (loss * weights.flatten()).sum() / weights.sum()
+
     for step in range(1, steps + 1):
+        own = torch.randint(len(rows), (batch_size,), generator=g)
         tokens, weights = padded([words_lookup_document(rng, tokenizer) for _ in range(batch_size)], tokenizer.pad_id)
-        logits = llama(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        loss = (loss * weights[:, 1:].flatten()).sum() / weights[:, 1:].sum()
+        loss = weighted_loss(rows[own], row_weights[own]) + weighted_loss(tokens, weights[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
