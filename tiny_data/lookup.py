@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from model.assemble import load_config, make_tokenizer, model_from_config
 from model.config import Config
 from model.data import channels_first, image_pixels, scienceqa_prompt
+from model.train import default_device
 from tiny_data import make_tiny_data as world
 
 WORDING = "The {name} is in {axis}"
@@ -66,7 +67,8 @@ def ideal_labels(objects: list[dict], grid: int) -> torch.Tensor:
 def make_items(n: int, seed: int, cfg: Config, tokenizer, wording: str = WORDING, axis: str = "x",
                n_objects: tuple[int, int] = (2, 4)) -> list[dict]:
     """n items: tokens (the prompt and the solution up to the digit), target (the digit's token id), cell (the
-    first named object's column/row, 1-8), name (its colour and shape), image ((3, S, S) uint8), labels (ideal_labels)."""
+    first named object's column/row, 1-8), name (its colour and shape), image ((3, S, S) uint8), labels
+    (ideal_labels)."""
     rng = random.Random(seed)
     word, relation = AXES[axis]
     grid = cfg.vit.image_size // cfg.vit.patch_size
@@ -81,20 +83,21 @@ def make_items(n: int, seed: int, cfg: Config, tokenizer, wording: str = WORDING
         target = tokenizer.encode(f"{text} {cell}", bos=True)
         if target[:len(tokens)] != tokens or len(target) != len(tokens) + 1:
             raise ValueError(f"the tokenizer does not make ' {cell}' one token after {text!r}")
-        items.append(dict(tokens=tokens, target=target[-1], cell=cell, name=world.name(a), labels=ideal_labels(objects, grid),
+        items.append(dict(tokens=tokens, target=target[-1], cell=cell, name=world.name(a),
+                          labels=ideal_labels(objects, grid),
                           image=channels_first(image_pixels(world.render(objects), cfg.vit.image_size))))
     return items
 
 
-def batch(items: list[dict], pad_id: int, ideal: bool) -> tuple[torch.Tensor, ...]:
+def batch(items: list[dict], pad_id: int, ideal: bool, device=None) -> tuple[torch.Tensor, ...]:
     """-> tokens (B, T) right-padded, last (B,) the index of each row's last token, targets (B,), pictures
-    (B, 3, S, S) uint8, or their ideal labels (B, P)."""
+    (B, 3, S, S) uint8, or their ideal labels (B, P); on `device` (default: the CPU)."""
     tokens = torch.full((len(items), max(len(it["tokens"]) for it in items)), pad_id, dtype=torch.long)
     for row, it in enumerate(items):
         tokens[row, :len(it["tokens"])] = torch.tensor(it["tokens"])
     last = torch.tensor([len(it["tokens"]) - 1 for it in items])
     pictures = torch.stack([it["labels" if ideal else "image"] for it in items])
-    return tokens, last, torch.tensor([it["target"] for it in items]), pictures
+    return tuple(t.to(device) for t in (tokens, last, torch.tensor([it["target"] for it in items]), pictures))
 
 
 class IdealFeatures(nn.Module):
@@ -128,13 +131,14 @@ def score(model: nn.Module, items: list[dict], pad_id: int, ideal: bool, tokeniz
     pictures and with each item given the next item's picture (shuffled)."""
     was = model.training
     model.eval()
-    tokens, last, targets, pictures = batch(items, pad_id, ideal)
+    tokens, last, targets, pictures = batch(items, pad_id, ideal, model.memory.p1.device)
     cells = torch.tensor([it["cell"] for it in items])
     result = {}
     for name, pics in (("own", pictures), ("shuffled", pictures.roll(1, 0))):
-        guess = model(tokens, pics)[torch.arange(len(items)), last].argmax(-1)          # (B,) token ids
+        rows = torch.arange(len(items), device=last.device)
+        guess = model(tokens, pics)[rows, last].argmax(-1).cpu()                        # (B,) token ids
         said = torch.tensor([int(w) if (w := tokenizer.decode([int(g)]).strip()).isdigit() else -99 for g in guess])
-        result[name] = 100.0 * (guess == targets).float().mean().item()
+        result[name] = 100.0 * (guess == targets.cpu()).float().mean().item()
         result[name + " near"] = 100.0 * ((said - cells).abs() <= 1).float().mean().item()
     model.train(was)
     return result
@@ -168,7 +172,7 @@ def words_lookup_accuracy(llama: nn.Module, tokenizer, n: int = 300, seed: int =
     """% of the asked columns/rows whose digit the decoder predicts (teacher-forced) from the facts in words."""
     rng = random.Random(seed)
     tokens, weights = padded([words_lookup_document(rng, tokenizer) for _ in range(n)], tokenizer.pad_id)
-    guess = llama(tokens[:, :-1]).argmax(-1)                                       # (n, T-1)
+    guess = llama(tokens[:, :-1].to(next(llama.parameters()).device)).argmax(-1).cpu()    # (n, T-1)
     digits = torch.tensor([tokenizer.encode(f" {d}", bos=False)[0] for d in range(1, 9)])
     asked = (weights[:, 1:] == 1.0) & torch.isin(tokens[:, 1:], digits)
     return 100.0 * (guess == tokens[:, 1:])[asked].float().mean().item()
@@ -188,6 +192,8 @@ def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batc
     opt = torch.optim.AdamW(llama.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
 
     def weighted_loss(tokens, weights):                  # weights[:, i]: of predicting tokens[:, i + 1]
+        device = next(llama.parameters()).device
+        tokens, weights = tokens.to(device), weights.to(device)
         loss = F.cross_entropy(llama(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
         return (loss * weights.flatten()).sum() / weights.sum()
 
@@ -212,7 +218,7 @@ def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool
     us = {}
     hooks = [block.ffn_norm.register_forward_hook(lambda m, i, o, b=b: us.__setitem__(b, o))
              for b, block in enumerate(model.llama.layers)]
-    tokens, last, _, pictures = batch(items, pad_id, ideal)
+    tokens, last, _, pictures = batch(items, pad_id, ideal, model.memory.p1.device)
     try:
         model(tokens, pictures)
     finally:
@@ -221,7 +227,7 @@ def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool
     named = [it["name"] for it in items]
     rows = []
     for b in sorted(us):
-        u = us[b][torch.arange(len(items)), last].float()                             # (n, D)
+        u = us[b][torch.arange(len(items), device=last.device), last].float().cpu()    # (n, D)
         mean = u.mean(0)
         total = ((u - mean) ** 2).sum(1).mean()
         between = sum(((u[[i for i, m in enumerate(named) if m == k]].mean(0) - mean) ** 2).sum() * named.count(k)
@@ -240,7 +246,8 @@ def run(cfg: Config, steps: int, ideal: bool, wording: str = WORDING, axis: str 
     (the decoder's look-up in words, % before and after teaching)."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(cfg)
-    model = model_from_config(cfg, torch.device("cpu"), log=lambda *a: None)
+    device = default_device()                            # a GPU if there is one
+    model = model_from_config(cfg, device, log=lambda *a: None)
     words = [words_lookup_accuracy(model.llama, tokenizer)]
     if teach_decoder:
         teach_lookup(model.llama, tokenizer, teach_decoder, seed=seed, log=log)
@@ -249,7 +256,8 @@ def run(cfg: Config, steps: int, ideal: bool, wording: str = WORDING, axis: str 
         use_ideal_features(model, cfg)
     train_items = make_items(n_train, seed + 1, cfg, tokenizer, wording, axis, n_objects)
     test_items = make_items(n_test, seed + 2, cfg, tokenizer, wording, axis, n_objects)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not (ideal and n.startswith("memory.projectors"))]
+    params = [p for n, p in model.named_parameters()       # with ideal features the projectors are not used
+              if p.requires_grad and not (ideal and n.startswith("memory.projectors"))]
     lr = cfg.train.base_lr * cfg.train.batch_size / 256                   # the recipe's peak rate, held constant
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng, pad, t0 = random.Random(seed + 3), tokenizer.pad_id, time.time()
@@ -257,8 +265,10 @@ def run(cfg: Config, steps: int, ideal: bool, wording: str = WORDING, axis: str 
     query = query_strength(model, test_items, pad, ideal)
     model.train()
     for step in range(1, steps + 1):
-        tokens, last, targets, pictures = batch(rng.sample(train_items, min(cfg.train.batch_size, n_train)), pad, ideal)
-        loss = F.cross_entropy(model(tokens, pictures)[torch.arange(len(targets)), last], targets)
+        tokens, last, targets, pictures = batch(rng.sample(train_items, min(cfg.train.batch_size, n_train)), pad,
+                                                ideal, device)
+        logits = model(tokens, pictures)[torch.arange(len(targets), device=last.device), last]     # (B, V)
+        loss = F.cross_entropy(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,7 +300,8 @@ def main(argv=None) -> None:
     for q in out["query"]:
         print(f"  block {q['block']}: {q['mean']:.2f}, {q['spread']:.2f}, {q['name share']:.1f}%, {q['name part']:.2f}")
     s = out["scores"][-1][1]
-    print(f"look-up after {out['steps']} steps ({out['seconds']:.0f} s), {'ideal features' if args.ideal else 'the ViT'}:"
+    held = "ideal features" if args.ideal else "the ViT"
+    print(f"look-up after {out['steps']} steps ({out['seconds']:.0f} s), {held}:"
           f" exact {s['own']:.1f}% (shuffled pictures {s['shuffled']:.1f}%),"
           f" within one {s['own near']:.1f}% ({s['shuffled near']:.1f}%)")
 
