@@ -41,7 +41,7 @@ from model.assemble import load_config, make_tokenizer, model_from_config
 from model.config import Config
 from model.data import channels_first, image_pixels, scienceqa_prompt
 from model.train import default_device
-from tiny_data import make_tiny_data as world
+from tiny_data import make_tiny_data as world, pretrain
 
 WORDING = "The {name} is in {axis}"
 AXES = {"x": ("column", "to the left of"), "y": ("row", "above")}
@@ -89,12 +89,19 @@ def make_items(n: int, seed: int, cfg: Config, tokenizer, wording: str = WORDING
     return items
 
 
+def padded(rows: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, weights) rows -> tokens (B, T) right-padded with pad_id, weights (B, T) padded with 0."""
+    tokens = torch.full((len(rows), max(len(t) for t, _ in rows)), pad_id, dtype=torch.long)
+    weights = torch.zeros(tokens.shape)
+    for r, (t, w) in enumerate(rows):
+        tokens[r, :len(t)], weights[r, :len(w)] = torch.tensor(t), torch.tensor(w)
+    return tokens, weights
+
+
 def batch(items: list[dict], pad_id: int, ideal: bool, device=None) -> tuple[torch.Tensor, ...]:
     """-> tokens (B, T) right-padded, last (B,) the index of each row's last token, targets (B,), pictures
     (B, 3, S, S) uint8, or their ideal labels (B, P); on `device` (default: the CPU)."""
-    tokens = torch.full((len(items), max(len(it["tokens"]) for it in items)), pad_id, dtype=torch.long)
-    for row, it in enumerate(items):
-        tokens[row, :len(it["tokens"])] = torch.tensor(it["tokens"])
+    tokens, _ = padded([(it["tokens"], []) for it in items], pad_id)
     last = torch.tensor([len(it["tokens"]) - 1 for it in items])
     pictures = torch.stack([it["labels" if ideal else "image"] for it in items])
     return tuple(t.to(device) for t in (tokens, last, torch.tensor([it["target"] for it in items]), pictures))
@@ -159,14 +166,6 @@ def words_lookup_document(rng: random.Random, tokenizer) -> tuple[list[int], lis
     return tokens, weights
 
 
-def padded(rows: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.full((len(rows), max(len(t) for t, _ in rows)), pad_id, dtype=torch.long)
-    weights = torch.zeros(tokens.shape)
-    for r, (t, w) in enumerate(rows):
-        tokens[r, :len(t)], weights[r, :len(w)] = torch.tensor(t), torch.tensor(w)
-    return tokens, weights
-
-
 @torch.no_grad()
 def words_lookup_accuracy(llama: nn.Module, tokenizer, n: int = 300, seed: int = 123) -> float:
     """% of the asked columns/rows whose digit the decoder predicts (teacher-forced) from the facts in words."""
@@ -183,7 +182,6 @@ def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batc
     """Continue the decoder's pretraining for `steps` AdamW steps, each on `batch_size` rows of its own corpus
     (tiny_data/pretrain.py's, so it keeps what it knew: the answer format) and `batch_size` words_lookup_document
     (weighted next-token loss on both, summed), then freeze it again."""
-    from tiny_data import pretrain
     recipe = pretrain.LM_RECIPE
     rows, row_weights = pretrain.pack_documents(world.text_corpus(recipe["seed"] + 7, 20000), tokenizer,
                                                 recipe["seq_len"], recipe["answer_weight"])
@@ -194,8 +192,7 @@ def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batc
     def weighted_loss(tokens, weights):                  # weights[:, i]: of predicting tokens[:, i + 1]
         device = next(llama.parameters()).device
         tokens, weights = tokens.to(device), weights.to(device)
-        loss = F.cross_entropy(llama(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        return (loss * weights.flatten()).sum() / weights.sum()
+        return pretrain.weighted_next_token_loss(llama(tokens[:, :-1]), tokens[:, 1:], weights)
 
     for step in range(1, steps + 1):
         own = torch.randint(len(rows), (batch_size,), generator=g)

@@ -145,6 +145,12 @@ def pack_documents(docs: list[str], tok, seq_len: int, answer_weight: float) -> 
     return torch.tensor(rows), torch.tensor(weights)
 
 
+def weighted_next_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), targets and weights (B, T) -> the weighted mean cross-entropy, in float32."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce * weights.flatten()).sum() / weights.sum()
+
+
 def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print, recipe: dict | None = None) -> dict[str, torch.Tensor]:
     """A language model (tokens of `tok`) on the toy corpus, in document-aligned packed rows.
 
@@ -169,8 +175,7 @@ def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print, recipe: dict | No
         chunk, w = chunk[:, :n + 1], w[:, :n]
         with autocast(torch.device("cpu"), torch.bfloat16):     # ~1.7x faster on CPUs with bf16 units
             logits = lm(chunk[:, :-1])
-        ce = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
-        loss = (ce * w.flatten()).sum() / w.sum()
+        loss = weighted_next_token_loss(logits, chunk[:, 1:], w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
