@@ -3,7 +3,8 @@
 - every ```console block's commands are run and their output compared exactly;
 - a ```text block after `<!-- output of: COMMAND -->` is found in what COMMAND prints, its lines in order
   (an excerpt may leave lines out); one after `<!-- checked: NAME (...) -->` is exactly what CHECKED[NAME]
-  computes from committed files (the tiny run's checkpoint, the probe's JSON, the backbones);
+  computes from committed files (the tiny run's checkpoint, the probe's JSON, the backbones), and so is a
+  Markdown table right after such a marker (the ablation's tables, from docs/ablation.json);
 - every ```python block appears verbatim (up to its indentation) in the file the text names before it;
 - every `python lsrm.py ...` line of tutorial.md's ```bash blocks is run (training ones at smoke size) and
   must succeed (the other documents' command lines are parsed, not run: tests/test_docs.py)."""
@@ -138,12 +139,24 @@ def backbone_checksums() -> str:
                      f"tiny_data/backbones/{f}" for f in ("vit.pt", "lm.pt"))
 
 
-CHECKED = {"tiny run summary": tiny_summary, "probe table": probe_table, "backbone checksums": backbone_checksums}
+def ablation(part: str) -> str:
+    """docs/results.md's ablation tables, from the committed result of `python lsrm.py ablate` (its ablation.json):
+    the ladder with each row's trainable parameters, or the δ/λ sweep."""
+    from model.metrics import seeds_tables
+    rows = json.loads((ROOT / "docs" / "ablation.json").read_text())[part]
+    return seeds_tables(rows, {name: runs[0]["trainable"] for name, runs in rows.items()} if part == "ladder" else None)
+
+
+CHECKED = {"tiny run summary": tiny_summary, "probe table": probe_table, "backbone checksums": backbone_checksums,
+           "ablation ladder": lambda: ablation("ladder"), "ablation sweep": lambda: ablation("sweep")}
+# a Markdown table (or two, a blank line between) after the marker: rendered as a table, checked as text
+TABLE = re.compile(r"^<!-- checked: ([^\n]*?) -->\n((?:\|[^\n]*\n|\n(?=\|))+)", re.M)
 
 
 def checked_cases():
     return [(doc, text.split(" (")[0], body) for doc in DOCS for _, marker, text, body, _ in fenced(doc)
-            if marker == "checked"]
+            if marker == "checked"] + \
+        [(doc, m.group(1).split(" (")[0], m.group(2)) for doc in DOCS for m in TABLE.finditer(TEXT[doc])]
 
 
 @pytest.mark.parametrize("doc,name,block", checked_cases())
