@@ -142,9 +142,8 @@ def backbone_checksums() -> str:
 def ablation(part: str) -> str:
     """docs/results.md's ablation tables, from the committed result of `python lsrm.py ablate` (its ablation.json):
     the ladder with each row's trainable parameters, or the δ/λ sweep."""
-    from model.metrics import seeds_tables
-    rows = json.loads((ROOT / "docs" / "ablation.json").read_text())[part]
-    return seeds_tables(rows, {name: runs[0]["trainable"] for name, runs in rows.items()} if part == "ladder" else None)
+    from tools.ablate import tables
+    return tables(json.loads((ROOT / "docs" / "ablation.json").read_text()), part)
 
 
 CHECKED = {"tiny run summary": tiny_summary, "probe table": probe_table, "backbone checksums": backbone_checksums,

@@ -28,6 +28,13 @@ def plan(cfg: C.Config, seeds: int, sweep_seeds: int, deltas, decays) -> list[tu
     return [(part, name, C.apply_overrides(c, [f"train.seed={c.train.seed + s}"]), s) for part, name, c, s in runs]
 
 
+def tables(rows: dict, part: str) -> str:
+    """The Markdown tables of one part ("ladder", with each row's trainable parameters, or "sweep") of the
+    rows ablation.json holds."""
+    trainable = {name: runs[0]["trainable"] for name, runs in rows[part].items()} if part == "ladder" else None
+    return seeds_tables(rows[part], trainable)
+
+
 def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 3, deltas=(0.1, 0.5),
            decays=(0.7, 0.95), log=print) -> str:
     """Run the plan; write out/run{i}/ for each distinct run, out/ablation.md and out/ablation.json; return
@@ -56,12 +63,10 @@ def ablate(cfg: C.Config, out: Path, device, seeds: int = 3, sweep_seeds: int = 
         rows[part].setdefault(name, []).append(done[key(c)])
     text = ""
     if rows["ladder"]:
-        trainable = {name: runs_[0]["trainable"] for name, runs_ in rows["ladder"].items()}
-        text += f"## Table 5: the ladder, {seeds} seed(s) per row\n\n" + \
-            seeds_tables(rows["ladder"], trainable) + "\n\n"
+        text += f"## Table 5: the ladder, {seeds} seed(s) per row\n\n" + tables(rows, "ladder") + "\n\n"
     if rows["sweep"]:
         text += (f"## Figure 4: δ and λ around δ={cfg.lsrm.delta}, λ={cfg.lsrm.decay}, {sweep_seeds} seed(s) "
-                 f"per point\n\n" + seeds_tables(rows["sweep"]) + "\n\n")
+                 f"per point\n\n" + tables(rows, "sweep") + "\n\n")
     text += (f"Test accuracy (%), mean ± std over seeds 0.. added to train.seed; config {cfg.name}; "
              f"{len(done)} runs, {fmt_time(time.time() - t0)} in all.\n")
     out.mkdir(parents=True, exist_ok=True)
