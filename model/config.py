@@ -195,6 +195,10 @@ class TrainConfig:
     gen_tokens: int = 0              # QCM-EA/LEA evaluation: new tokens at most (0: longest target + 16)
     # backbones: empty means the tiny preset's own pretrained ones (pretrain.py); else checkpoint paths
     pretrained: bool = True          # tiny only: False keeps random frozen backbones (smoke tests)
+    # tiny only: which frozen decoder. direct: lm.pt, taught to answer at once (choices in a fixed order);
+    # stepwise: that one taught further to write step-wise solutions, map an answer to its shuffled letter
+    # and look facts up (tiny_data/stepwise.py; for QCM-EA; not committed: pretrained once, ~20 min CPU)
+    tiny_decoder: str = "direct"
     vit_weights: str = ""
     llm_weights: str = ""
     tokenizer: str = ""              # empty: bytes; a word list (.txt, the tiny presets); else a tokenizer file
@@ -216,6 +220,8 @@ class TrainConfig:
             raise ConfigError(f"train.limit must be >= 0 (0: all items), got {self.limit}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"train.prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+        if self.tiny_decoder not in ("direct", "stepwise"):
+            raise ConfigError(f"train.tiny_decoder must be direct or stepwise, got {self.tiny_decoder!r}")
         if self.gen_tokens < 0:
             raise ConfigError(f"train.gen_tokens must be >= 0 (0: the longest target + 16), got {self.gen_tokens}")
         check_at_least(self, "train", 0, "workers", "image_cache_mb", "check_images")

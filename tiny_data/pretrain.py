@@ -265,11 +265,29 @@ def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print,
 
 def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
                    committed: Path | None = BACKBONES) -> dict:
-    """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, found likewise."""
+    """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, found likewise; with
+    train.tiny_decoder=stepwise, the direct one taught further (tiny_data/stepwise.py), found likewise."""
     fits = llm_fits(cfg, tok)
-    return _find("decoder", "lm.pt", fits, committed,
-                 Path(cache_dir) / f"lm-{_key(fits['llama'], LM_RECIPE, fits['vocab'])}.pt",
-                 lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
+    direct = _find("decoder", "lm.pt", fits, committed,
+                   Path(cache_dir) / f"lm-{_key(fits['llama'], LM_RECIPE, fits['vocab'])}.pt",
+                   lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
+    if cfg.train.tiny_decoder == "direct":
+        return direct
+    from .stepwise import STEPWISE_RECIPE
+    fits = {**fits, "stepwise": STEPWISE_RECIPE}
+    return _find("step-wise decoder", "lm_stepwise.pt", fits, committed,
+                 Path(cache_dir) / f"lm_stepwise-{_key(fits['llama'], LM_RECIPE, STEPWISE_RECIPE, fits['vocab'])}.pt",
+                 lambda: stepwise_llm(cfg.llama, tok, direct, log), log)
+
+
+def stepwise_llm(cfg: LlamaConfig, tok, direct: dict[str, torch.Tensor], log: Callable = print,
+                 recipe: dict | None = None) -> dict[str, torch.Tensor]:
+    """'llama.*' tensors of the step-wise decoder: the direct decoder's, taught by stepwise.teach_stepwise."""
+    from .stepwise import teach_stepwise
+    llama = Transformer(cfg)
+    llama.load_state_dict({k.removeprefix("llama."): v.float() for k, v in direct.items()})
+    teach_stepwise(llama, tok, recipe, log)
+    return {f"llama.{k}": v.detach().clone() for k, v in llama.state_dict().items()}
 
 
 def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,

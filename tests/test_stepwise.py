@@ -1,0 +1,106 @@
+"""The step-wise tiny decoder's teaching (tiny_data/stepwise.py): its documents say what they should (a
+letter hop names the right letter, a solution's look-ups are copies of the picture in words, a copy
+document repeats itself), its loss weights fall where they should, the teaching is deterministic, and
+train.tiny_decoder picks the decoder (a bad value is a one-line error)."""
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from model import config as C
+from model.errors import ConfigError
+from model.llama import Transformer
+from model.tokenizer import WordTokenizer
+from tiny_data import pretrain as P
+from tiny_data import stepwise as S
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = C.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WordTokenizer(ROOT / TINY.train.tokenizer)
+
+
+def options(doc: str) -> dict[str, str]:
+    line = re.search(r"^Options: (.*)$", doc, re.M).group(1)
+    return {letter: text.strip() for letter, text in re.findall(r"\(([A-E])\) ([^(]*)", line)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10 ** 6))
+def test_a_letter_hop_names_the_letter_of_its_option(seed):
+    doc = S.letter_hops_document(S.world.Rng(seed))
+    said = re.findall(r"So (.+?)\. The answer is ([A-E])\.", doc.split("Response:")[1])
+    assert said and all(options(doc)[letter] == text for text, letter in said)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10 ** 6))
+def test_a_step_wise_solution_copies_its_look_ups_from_the_picture_in_words(seed):
+    """Every number a picture question's solution looks up ("the red shape is in column 3", "The number of
+    circles is 2") is in its context, about an object the solution's words name; and its letter is right."""
+    doc = S.stepwise_document(S.world.Rng(seed), letter_share=0.0, direct_share=0.0)
+    context, response = doc.split("\nContext: ")[1].split("\nOptions: ")[0], doc.split("Response:")[1]
+    letter = re.search(r"The answer is ([A-E])\.$", response).group(1)
+    assert f"So {options(doc)[letter]}." in response
+    for subject, axis, n in re.findall(r"(?:^|\. |, )([A-Z]?[\w ]+?),? (?:is )?in (column|row) (\d)", response):
+        words = set(subject.lower().split()) - {"the", "shape", "town", "owns"} - {n.lower() for n in S.world.NAMES}
+        facts = re.findall(rf"The ([\w ]+?) (?:town )?is in column (\d), row (\d)\.", context)
+        assert any(words <= set(name.split()) and (c if axis == "column" else r) == n for name, c, r in facts), \
+            (subject, axis, n, context)
+    for sentence in re.findall(r"The number of [\w ]+ is \d\.", response):
+        assert sentence in context
+
+
+def test_loss_weights_fall_on_the_response_and_the_letters(tok):
+    doc = S.letter_hops_document(S.world.Rng(3))
+    ids, weights = S.weighted(doc, tok, prompt_weight=0.2, answer_weight=5.0, response_weight=1.0)
+    assert len(ids) == len(weights)
+    letters = [tok.decode([i]).strip() for i, w in zip(ids, weights) if w == 5.0]
+    assert letters == re.findall(r"The answer is ([A-E])\.", doc)
+    n_prompt = len(tok.encode(doc[:doc.index("Response:") + len("Response:")], bos=True))
+    assert set(weights[:n_prompt]) == {0.2} and 0.2 not in weights[n_prompt:]
+
+
+def test_a_copy_document_repeats_and_weighs_only_the_predictable_repeat(tok):
+    ids, weights = S.copy_document(random.Random(7), tok)
+    n = (len(ids) - 1) // 2
+    assert ids[0] == tok.bos_id and ids[1:n + 1] == ids[n + 1:]
+    assert weights == [0.0] * (n + 2) + [1.0] * (n - 1)
+
+
+def smoke_recipe():
+    return {**S.STEPWISE_RECIPE, **{k: {**S.STEPWISE_RECIPE[k], **v} for k, v in S.SMOKE.items()}}
+
+
+def test_teaching_changes_the_decoder_and_is_deterministic(tok):
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in Transformer(TINY.llama).state_dict().items()}
+    states = [P.stepwise_llm(TINY.llama, tok, {f"llama.{k}": v for k, v in start.items()}, log=lambda *_: None,
+                             recipe=smoke_recipe()) for _ in range(2)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][f"llama.{k}"], v) for k, v in start.items())
+
+
+def test_tiny_decoder_picks_the_decoder(tok, tmp_path, monkeypatch):
+    cfg = C.apply_overrides(C.get_config("tiny"), ["train.tiny_decoder=stepwise"])
+    monkeypatch.setattr(P, "stepwise_llm", lambda cfg, tok, direct, log: {k: v + 1 for k, v in direct.items()})
+    lines = []
+    taught = P.pretrained_llm(cfg, tok, cache_dir=tmp_path, log=lines.append)
+    direct = P.pretrained_llm(TINY, tok, cache_dir=tmp_path, log=lambda *_: None)
+    assert all(torch.equal(taught[k], direct[k] + 1) for k in direct)
+    assert lines[0] == f"decoder: the committed {P.BACKBONES / 'lm.pt'}"
+    assert lines[1].startswith("pretraining lm_stepwise (once; cached in ")
+    again = []
+    P.pretrained_llm(cfg, tok, cache_dir=tmp_path, log=again.append)      # the second time: from the cache
+    assert not any("pretraining" in line for line in again)
+
+
+def test_an_unknown_tiny_decoder_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"^train.tiny_decoder must be direct or stepwise, got 'chatty'$"):
+        C.apply_overrides(C.get_config("tiny"), ["train.tiny_decoder=chatty"])
