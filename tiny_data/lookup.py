@@ -41,10 +41,10 @@ from model.assemble import load_config, make_tokenizer, model_from_config
 from model.config import Config
 from model.data import channels_first, image_pixels, scienceqa_prompt
 from model.train import default_device
-from tiny_data import make_tiny_data as world, pretrain
+from tiny_data import make_tiny_data as world
+from tiny_data.stepwise import AXES, padded, teach_lookup, words_lookup_accuracy, words_lookup_document
 
 WORDING = "The {name} is in {axis}"
-AXES = {"x": ("column", "to the left of"), "y": ("row", "above")}
 
 
 def ideal_labels(objects: list[dict], grid: int) -> torch.Tensor:
@@ -87,15 +87,6 @@ def make_items(n: int, seed: int, cfg: Config, tokenizer, wording: str = WORDING
                           labels=ideal_labels(objects, grid),
                           image=channels_first(image_pixels(world.render(objects), cfg.vit.image_size))))
     return items
-
-
-def padded(rows: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, weights) rows -> tokens (B, T) right-padded with pad_id, weights (B, T) padded with 0."""
-    tokens = torch.full((len(rows), max(len(t) for t, _ in rows)), pad_id, dtype=torch.long)
-    weights = torch.zeros(tokens.shape)
-    for r, (t, w) in enumerate(rows):
-        tokens[r, :len(t)], weights[r, :len(w)] = torch.tensor(t), torch.tensor(w)
-    return tokens, weights
 
 
 def batch(items: list[dict], pad_id: int, ideal: bool, device=None) -> tuple[torch.Tensor, ...]:
@@ -151,62 +142,6 @@ def score(model: nn.Module, items: list[dict], pad_id: int, ideal: bool, tokeniz
     return result
 
 
-def words_lookup_document(rng: random.Random, tokenizer) -> tuple[list[int], list[float]]:
-    """A picture's facts in words, shuffled, then two of its objects' column or row asked again. -> tokens, and a
-    loss weight per token: 1 on the questions, 0.1 on the facts (random, so unpredictable)."""
-    objects = world.place(rng, world.random_kinds(rng, rng.randint(2, 4)))
-    facts = [f"The {world.name(o)} is in column {world.cell(o, 'x')}, row {world.cell(o, 'y')}." for o in objects]
-    rng.shuffle(facts)
-    tokens = tokenizer.encode(" ".join(facts), bos=True)
-    weights = [0.1] * len(tokens)
-    for o in rng.sample(objects, 2):
-        axis = rng.choice(list(AXES))
-        asked = tokenizer.encode(f" The {world.name(o)} is in {AXES[axis][0]} {world.cell(o, axis)}.", bos=False)
-        tokens, weights = tokens + asked, weights + [1.0] * len(asked)
-    return tokens, weights
-
-
-@torch.no_grad()
-def words_lookup_accuracy(llama: nn.Module, tokenizer, n: int = 300, seed: int = 123) -> float:
-    """% of the asked columns/rows whose digit the decoder predicts (teacher-forced) from the facts in words."""
-    rng = random.Random(seed)
-    tokens, weights = padded([words_lookup_document(rng, tokenizer) for _ in range(n)], tokenizer.pad_id)
-    guess = llama(tokens[:, :-1].to(next(llama.parameters()).device)).argmax(-1).cpu()    # (n, T-1)
-    digits = torch.tensor([tokenizer.encode(f" {d}", bos=False)[0] for d in range(1, 9)])
-    asked = (weights[:, 1:] == 1.0) & torch.isin(tokens[:, 1:], digits)
-    return 100.0 * (guess == tokens[:, 1:])[asked].float().mean().item()
-
-
-def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batch_size: int = 12, seed: int = 0,
-                 log=print) -> None:
-    """Continue the decoder's pretraining for `steps` AdamW steps, each on `batch_size` rows of its own corpus
-    (tiny_data/pretrain.py's, so it keeps what it knew: the answer format) and `batch_size` words_lookup_document
-    (weighted next-token loss on both, summed), then freeze it again."""
-    recipe = pretrain.LM_RECIPE
-    rows, row_weights = pretrain.pack_documents(world.text_corpus(recipe["seed"] + 7, 20000), tokenizer,
-                                                recipe["seq_len"], recipe["answer_weight"])
-    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
-    llama.requires_grad_(True)
-    opt = torch.optim.AdamW(llama.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-
-    def weighted_loss(tokens, weights):                  # weights[:, i]: of predicting tokens[:, i + 1]
-        device = next(llama.parameters()).device
-        tokens, weights = tokens.to(device), weights.to(device)
-        return pretrain.weighted_next_token_loss(llama(tokens[:, :-1]), tokens[:, 1:], weights)
-
-    for step in range(1, steps + 1):
-        own = torch.randint(len(rows), (batch_size,), generator=g)
-        tokens, weights = padded([words_lookup_document(rng, tokenizer) for _ in range(batch_size)], tokenizer.pad_id)
-        loss = weighted_loss(rows[own], row_weights[own]) + weighted_loss(tokens, weights[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == steps:
-            log(f"decoder step {step}: loss {loss.item():.3f}")
-    llama.requires_grad_(False)
-
-
-@torch.no_grad()
 def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool = False) -> list[dict]:
     """Per decoder block: the FFN input u (the memory read's query) at each item's last token, (n, D). -> |mean u|,
     the spread (root mean squared distance to the mean) and the % of its variance explained by which object the

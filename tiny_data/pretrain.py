@@ -41,6 +41,7 @@ from model.weights import all_finite
 from model.vit import VisionTransformer
 
 from . import make_tiny_data as world                 # the toy world's generator
+from .corpus import ANSWER_MARK, LM_RECIPE, answer_index, pack_documents, weighted_next_token_loss  # noqa: F401
 
 GENERATOR = Path(world.__file__)                     # its sha256 is part of every backbone's key
 CACHE = Path(os.environ.get("LSRM_CACHE") or ROOT / "runs" / "cache")    # the tests use their own
@@ -48,9 +49,6 @@ BACKBONES = ROOT / "tiny_data" / "backbones"          # committed: written by `p
 BACKBONE_FORMAT = "lsrm-tiny-backbone-v1"
 
 VIT_RECIPE = dict(seed=1234, pool=6000, steps=1200, batch=32, lr=2e-3, weight_decay=0.05)
-# rows of 224 tokens hold a picture-in-words question whole (at 128 most were dropped); ~24 min (README)
-LM_RECIPE = dict(seed=4321, docs=100000, steps=3200, batch=24, seq_len=224, lr=3e-3, weight_decay=0.1,
-                 answer_weight=10.0)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -99,56 +97,6 @@ def pretrain_vit(cfg: ViTConfig, preprocess: str, log: Callable = print,
             log(f"pretrain ViT  step {step + 1}/{r['steps']} | loss {loss.item():.4f} | "
                 f"exact-set accuracy {acc:.2f} | {time.time() - t0:.0f}s")
     return vit.state_dict()
-
-
-ANSWER_MARK = "Response: The answer is"
-
-
-def answer_index(tok, doc: str, ids: list[int]) -> int | None:
-    """Index in `ids` (doc encoded with BOS) of the answer letter of a question document, else None."""
-    at = doc.find(ANSWER_MARK)
-    if at < 0:
-        return None
-    k = len(tok.encode(doc[:at + len(ANSWER_MARK)], bos=True))
-    while k < len(ids) and not tok.decode([ids[k]]).strip():       # bytes: the space before the letter
-        k += 1
-    return k if k < len(ids) else None
-
-
-def pack_documents(docs: list[str], tok, seq_len: int, answer_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Document-aligned rows: whole documents (BOS ... EOS) packed greedily into rows of seq_len + 1
-    tokens, never split across rows, the rest padded. Returns tokens (R, L + 1) and per-target loss
-    weights (R, L): 0 on padding, `answer_weight` on the answer letter of a question document, else 1.
-    Documents longer than a row are dropped."""
-    rows, weights, row, w = [], [], [], []
-
-    def flush():
-        if row:
-            pad = seq_len + 1 - len(row)
-            rows.append(row + [tok.pad_id] * pad)
-            weights.append(w[1:] + [0.0] * pad)          # weight of predicting token i from its prefix
-            row.clear(), w.clear()
-
-    for d in docs:
-        ids = tok.encode(d, bos=True, eos=True)
-        if len(ids) > seq_len + 1:
-            continue
-        dw = [1.0] * len(ids)
-        k = answer_index(tok, d, ids)
-        if k is not None:
-            dw[k] = answer_weight
-        if len(row) + len(ids) > seq_len + 1:
-            flush()
-        row += ids
-        w += dw
-    flush()
-    return torch.tensor(rows), torch.tensor(weights)
-
-
-def weighted_next_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), targets and weights (B, T) -> the weighted mean cross-entropy, in float32."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (ce * weights.flatten()).sum() / weights.sum()
 
 
 def pretrain_llm(cfg: LlamaConfig, tok, log: Callable = print, recipe: dict | None = None) -> dict[str, torch.Tensor]:

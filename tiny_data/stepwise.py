@@ -15,9 +15,10 @@ choices shuffled; the numbers are from the run that chose this recipe):
 2. steps: documents in the step-wise format, choices shuffled, each picture given in words in the
    solutions' own wording (`scene_facts`); a third are letter hops, plus copies and rows of the direct
    decoder's corpus (so it keeps what it knew). The letter after the gold solution: 100%.
-3. look-ups: tiny_data/lookup.py's look-up-in-words documents with the direct corpus. After stage 2 the
-   memory's read of a named object (the look-up probe's harness) had fallen to ~41%; taught last, the
-   look-ups bring it to ~80% (stage order matters: taught before stage 2, the gain is lost).
+3. look-ups: the look-up-in-words documents (`words_lookup_document`, also tiny_data/lookup.py's) with the
+   direct corpus. After stage 2 the memory's read of a named object (the look-up probe's harness) had
+   fallen to ~41%; taught last, the look-ups bring it to ~80% (stage order matters: taught before stage 2,
+   the gain is lost).
 4. all together, briefly, so that stage 3 does not erase stage 2's format: letters 100%, look-up in
    words 100%, the memory's read ~88% (harness).
 
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 from model.data import scienceqa_prompt, scienceqa_target
 
-from . import lookup, pretrain
+from . import corpus as pretrain             # the direct decoder's corpus, rows and loss
 from . import make_tiny_data as world
 
 STEPWISE_RECIPE = dict(
@@ -49,6 +50,76 @@ STEPWISE_RECIPE = dict(
     answer_weight=5.0,         # on each answer letter
 )
 SMOKE = dict(letters=dict(steps=2, batch=4), steps=dict(steps=2), lookups=dict(steps=2), mix=dict(steps=2))
+
+# the look-up in words (also tiny_data/lookup.py's): a picture's facts as sentences, then some asked again
+AXES = {"x": ("column", "to the left of"), "y": ("row", "above")}
+
+
+def padded(rows: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, weights) rows -> tokens (B, T) right-padded with pad_id, weights (B, T) padded with 0."""
+    tokens = torch.full((len(rows), max(len(t) for t, _ in rows)), pad_id, dtype=torch.long)
+    weights = torch.zeros(tokens.shape)
+    for r, (t, w) in enumerate(rows):
+        tokens[r, :len(t)], weights[r, :len(w)] = torch.tensor(t), torch.tensor(w)
+    return tokens, weights
+
+
+def words_lookup_document(rng: random.Random, tokenizer) -> tuple[list[int], list[float]]:
+    """A picture's facts in words, shuffled, then two of its objects' column or row asked again. -> tokens, and a
+    loss weight per token: 1 on the questions, 0.1 on the facts (random, so unpredictable)."""
+    objects = world.place(rng, world.random_kinds(rng, rng.randint(2, 4)))
+    facts = [f"The {world.name(o)} is in column {world.cell(o, 'x')}, row {world.cell(o, 'y')}." for o in objects]
+    rng.shuffle(facts)
+    tokens = tokenizer.encode(" ".join(facts), bos=True)
+    weights = [0.1] * len(tokens)
+    for o in rng.sample(objects, 2):
+        axis = rng.choice(list(AXES))
+        asked = tokenizer.encode(f" The {world.name(o)} is in {AXES[axis][0]} {world.cell(o, axis)}.", bos=False)
+        tokens, weights = tokens + asked, weights + [1.0] * len(asked)
+    return tokens, weights
+
+
+@torch.no_grad()
+def words_lookup_accuracy(llama: nn.Module, tokenizer, n: int = 300, seed: int = 123) -> float:
+    """% of the asked columns/rows whose digit the decoder predicts (teacher-forced) from the facts in words."""
+    rng = random.Random(seed)
+    tokens, weights = padded([words_lookup_document(rng, tokenizer) for _ in range(n)], tokenizer.pad_id)
+    guess = llama(tokens[:, :-1].to(next(llama.parameters()).device)).argmax(-1).cpu()    # (n, T-1)
+    digits = torch.tensor([tokenizer.encode(f" {d}", bos=False)[0] for d in range(1, 9)])
+    asked = (weights[:, 1:] == 1.0) & torch.isin(tokens[:, 1:], digits)
+    return 100.0 * (guess == tokens[:, 1:])[asked].float().mean().item()
+
+
+def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batch_size: int = 12, seed: int = 0,
+                 log=print) -> None:
+    """Continue the decoder's pretraining for `steps` AdamW steps, each on `batch_size` rows of its own corpus
+    (tiny_data/pretrain.py's, so it keeps what it knew: the answer format) and `batch_size` words_lookup_document
+    (weighted next-token loss on both, summed), then freeze it again."""
+    recipe = pretrain.LM_RECIPE
+    rows, row_weights = pretrain.pack_documents(world.text_corpus(recipe["seed"] + 7, 20000), tokenizer,
+                                                recipe["seq_len"], recipe["answer_weight"])
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    llama.requires_grad_(True)
+    opt = torch.optim.AdamW(llama.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def weighted_loss(tokens, weights):                  # weights[:, i]: of predicting tokens[:, i + 1]
+        device = next(llama.parameters()).device
+        tokens, weights = tokens.to(device), weights.to(device)
+        return pretrain.weighted_next_token_loss(llama(tokens[:, :-1]), tokens[:, 1:], weights)
+
+    for step in range(1, steps + 1):
+        own = torch.randint(len(rows), (batch_size,), generator=g)
+        tokens, weights = padded([words_lookup_document(rng, tokenizer) for _ in range(batch_size)], tokenizer.pad_id)
+        loss = weighted_loss(rows[own], row_weights[own]) + weighted_loss(tokens, weights[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps:
+            log(f"decoder step {step}: loss {loss.item():.3f}")
+    llama.requires_grad_(False)
+
+
+@torch.no_grad()
 
 
 def scene_facts(objects: list[dict], kind: str = "shapes") -> str:
@@ -129,7 +200,7 @@ def letter_accuracy(llama: nn.Module, tok, n: int = 300, seed: int = 99991, hops
     rng = world.Rng(seed)
     docs = [weighted(letter_hops_document(rng) if hops else stepwise_document(rng, letter_share=0.0, direct_share=0.0),
                      tok, 0.0, 2.0) for _ in range(n)]
-    tokens, weights = lookup.padded(docs, tok.pad_id)
+    tokens, weights = padded(docs, tok.pad_id)
     guess = llama(tokens[:, :-1].to(next(llama.parameters()).device)).argmax(-1).cpu()
     letters = weights[:, 1:] == 2.0
     return 100.0 * (guess == tokens[:, 1:])[letters].float().mean().item()
@@ -154,19 +225,19 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
         batch = [copy_document(copy_rng, tok) for _ in range(n_copy)]
         batch += [weighted(letter_hops_document(docs_rng), tok, 0.0, 1.0, response_weight=0.0)
                   for _ in range(s["batch"] - n_copy)]
-        tokens, weights = lookup.padded(batch, tok.pad_id)
+        tokens, weights = padded(batch, tok.pad_id)
         return [(tokens, weights[:, 1:])]
 
     def mixed_batch(s):                               # stages 2 and 4: own corpus + documents (+ copies, look-ups)
         own = torch.randint(len(rows), (s["own"],), generator=g)
         parts = [(rows[own], row_weights[own], False),
-                 (*lookup.padded([weighted(stepwise_document(docs_rng, r["letter_share"]), tok, r["prompt_weight"],
+                 (*padded([weighted(stepwise_document(docs_rng, r["letter_share"]), tok, r["prompt_weight"],
                                            r["answer_weight"]) for _ in range(s["docs"])], tok.pad_id), True)]
         if s["lookups"]:
-            parts.append((*lookup.padded([lookup.words_lookup_document(look_rng, tok)
+            parts.append((*padded([words_lookup_document(look_rng, tok)
                                           for _ in range(s["lookups"])], tok.pad_id), True))
         if s["copies"]:
-            parts.append((*lookup.padded([copy_document(copy_rng, tok) for _ in range(s["copies"])], tok.pad_id), True))
+            parts.append((*padded([copy_document(copy_rng, tok) for _ in range(s["copies"])], tok.pad_id), True))
         return [(t, w[:, 1:] if shifted else w) for t, w, shifted in parts]
 
     def run(name, s, batch, schedule):
@@ -192,11 +263,11 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
     log(f"step-wise decoder: letter hops {letter_accuracy(llama, tok, hops=True):.1f}% (held out)")
     run("steps", r["steps"], mixed_batch, cosine)
     llama.requires_grad_(False)
-    lookup.teach_lookup(llama, tok, r["lookups"]["steps"], lr=r["lookups"]["lr"], seed=r["seed"], log=log)
+    teach_lookup(llama, tok, r["lookups"]["steps"], lr=r["lookups"]["lr"], seed=r["seed"], log=log)
     llama.requires_grad_(True)
     run("all together", r["mix"], mixed_batch, cosine)
     llama.requires_grad_(False)
     llama.eval()
     log(f"step-wise decoder: letter after the gold solution {letter_accuracy(llama, tok):.1f}%, "
-        f"look-up in words {lookup.words_lookup_accuracy(llama, tok):.1f}% (held out)")
+        f"look-up in words {words_lookup_accuracy(llama, tok):.1f}% (held out)")
 
