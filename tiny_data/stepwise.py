@@ -90,14 +90,19 @@ def words_lookup_accuracy(llama: nn.Module, tokenizer, n: int = 300, seed: int =
     return 100.0 * (guess == tokens[:, 1:])[asked].float().mean().item()
 
 
+def own_corpus(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The direct decoder's corpus (another seed than its pretraining's), packed: rows (R, L + 1), weights (R, L)."""
+    recipe = pretrain.LM_RECIPE
+    return pretrain.pack_documents(world.text_corpus(recipe["seed"] + 7, 20000), tokenizer, recipe["seq_len"],
+                                   recipe["answer_weight"])
+
+
 def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batch_size: int = 12, seed: int = 0,
-                 log=print) -> None:
+                 log=print, own: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Continue the decoder's pretraining for `steps` AdamW steps, each on `batch_size` rows of its own corpus
     (tiny_data/pretrain.py's, so it keeps what it knew: the answer format) and `batch_size` words_lookup_document
     (weighted next-token loss on both, summed), then freeze it again."""
-    recipe = pretrain.LM_RECIPE
-    rows, row_weights = pretrain.pack_documents(world.text_corpus(recipe["seed"] + 7, 20000), tokenizer,
-                                                recipe["seq_len"], recipe["answer_weight"])
+    rows, row_weights = own if own is not None else own_corpus(tokenizer)
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     llama.requires_grad_(True)
     opt = torch.optim.AdamW(llama.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -212,9 +217,7 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
     device = next(llama.parameters()).device
     docs_rng, copy_rng = world.Rng(r["seed"]), random.Random(r["seed"] + 1)
     look_rng, g = random.Random(r["seed"] + 2), torch.Generator().manual_seed(r["seed"])
-    lm = pretrain.LM_RECIPE
-    rows, row_weights = pretrain.pack_documents(world.text_corpus(lm["seed"] + 7, 20000), tok, lm["seq_len"],
-                                                lm["answer_weight"])
+    rows, row_weights = own_corpus(tok)                 # packed once, for stages 2-4
 
     def loss_of(tokens, weights):                     # weights[:, i]: of predicting tokens[:, i + 1]
         tokens, weights = tokens.to(device), weights.to(device)
@@ -263,7 +266,8 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
     log(f"step-wise decoder: letter hops {letter_accuracy(llama, tok, hops=True):.1f}% (held out)")
     run("steps", r["steps"], mixed_batch, cosine)
     llama.requires_grad_(False)
-    teach_lookup(llama, tok, r["lookups"]["steps"], lr=r["lookups"]["lr"], seed=r["seed"], log=log)
+    teach_lookup(llama, tok, r["lookups"]["steps"], lr=r["lookups"]["lr"], seed=r["seed"], log=log,
+                 own=(rows, row_weights))
     llama.requires_grad_(True)
     run("all together", r["mix"], mixed_batch, cosine)
     llama.requires_grad_(False)
