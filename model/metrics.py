@@ -184,13 +184,14 @@ def generation_table(metrics: dict) -> str:
 # the question and hint nor in an earlier step is a *fact* looked up (in the picture, or in the picture in
 # words); a step whose numbers were all stated before is *derived* (a comparison of two numbers); the last
 # step is the content answer ("So yes."); then the letter. Wording-free: it needs only sentences and numbers.
+# A question and its answer are one step ("Is 2 less than 7? yes."): a step ends at "." or "!", not "?".
 
 NUMBER = re.compile(r"\d+")
-STEP_END = re.compile(r"(?<=[.!?])\s+")
+STEP_END = re.compile(r"(?<=[.!])\s+")
 
 
 def solution_steps(solution: str) -> list[str]:
-    """A solution's sentences: "The red shape is in row 2. 2 is less than 7. So no." -> three steps."""
+    """A solution's sentences: "The red shape is in row 2. Is 2 less than 7? yes. So yes." -> three steps."""
     return [s for s in STEP_END.split(solution.strip()) if s]
 
 

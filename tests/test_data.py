@@ -108,8 +108,9 @@ def test_the_picture_in_words_states_what_the_questions_ask():
 
 
 def test_solutions_are_steps_that_lead_to_the_answer():
-    """Each solution is facts, then a comparison of two explicit numbers that agrees with them, then the
-    content answer; the places are the 8x8 grid's columns and rows (1..8, from the left and from the top)."""
+    """Each solution is facts, then a comparison of two explicit numbers asked in the question's direction and
+    answered as they say, then the content answer that follows from it; the places are the 8x8 grid's columns
+    and rows (1..8, from the left and from the top)."""
     import re
     rng = gen.Rng(7)
     for make in (gen.q_relation, gen.q_owner, gen.q_compare_count):
@@ -117,9 +118,18 @@ def test_solutions_are_steps_that_lead_to_the_answer():
             q = make(rng)
             assert q.solution.endswith(f" So {q.answer}.")
             facts = re.findall(r"(?:in (?:column|row)|is) (\d)\.", q.solution)
-            m = re.search(r"(\d) is (less|more) than (\d)\.", q.solution)
-            a, word, b = int(m[1]), m[2], int(m[3])
-            assert [a, b] == [int(f) for f in facts[:2]] and (a < b) == (word == "less") and a != b
+            m = re.search(r"Is (\w+'s )?(\d) (less|more) than (\w+'s )?(\d)\? (yes|no)\.", q.solution)
+            a, op, b, said = int(m[2]), m[3], int(m[5]), m[6]
+            assert [a, b] == [int(f) for f in facts[:2]] and a != b
+            assert (said == "yes") == ((a < b) if op == "less" else (a > b))
+            if make is gen.q_owner:                               # yes: the owner asked about first wins
+                first, second = m[1][:-3], m[4][:-3]                # "Ivy's " -> "Ivy"
+                assert q.solution.startswith(f"{first} owns ") and {first, second} == set(q.choices)
+                assert (said == "yes") == (q.answer == first)
+                assert op == ("less" if "higher up" in q.question or "farther left" in q.question else "more")
+            else:                                                  # the content answer copies the yes/no
+                assert q.answer == said
+                assert op == ("less" if "left of" in q.question or "above" in q.question else "more")
             if make is not gen.q_compare_count:                  # a place: the object's cell on the question's axis
                 assert 1 <= a <= 8 and 1 <= b <= 8
     relation = next(q for q in iter(lambda: gen.q_relation(rng), None) if "left of" in q.question)
@@ -141,6 +151,25 @@ def test_shuffled_choices_keep_the_answer_and_spread_the_letters(tmp_path):
     assert min(letters.values()) > 0.35 * sum(letters.values())
     for p in problems.values():
         assert p["solution"].endswith(f" So {p['choices'][p['answer']]}.")
+
+
+def test_facts_describe_the_picture_in_the_solutions_wording(tmp_path):
+    """--facts: the same set, only each picture's description (the oracle's context) in scene_facts' wording,
+    which states every number a shapes question's solution looks up."""
+    sizes = {"train": 60, "val": 4, "test": 4}
+    gen.make_scienceqa(tmp_path / "words", sizes=sizes, shuffle=True)
+    gen.make_scienceqa(tmp_path / "facts", sizes=sizes, shuffle=True, facts=True)
+    words, facts = (json.loads((tmp_path / d / "problems.json").read_text()) for d in ("words", "facts"))
+    assert words.keys() == facts.keys()
+    for pid, p in facts.items():
+        assert {k: v for k, v in p.items() if k != "description"} == \
+            {k: v for k, v in words[pid].items() if k != "description"}
+        if p["category"] == "Comparing numbers of shapes":      # both counts, as the solution states them
+            for fact in p["solution"].split(". ")[:2]:
+                assert fact.rstrip(".") + "." in p["description"]
+        if p["image"]:
+            assert p["description"].startswith("The ") and " is in column " in p["description"]
+            assert " is in column " not in words[pid]["description"]
 
 
 def test_text_corpus_uses_the_fine_tuning_format():

@@ -307,6 +307,9 @@ def test_steps_and_their_kinds():
     steps = solution_steps(STEPWISE)
     assert steps == ["The left jar holds 4.", "The right jar holds 9.", "4 is less than 9.", "So the right jar."]
     assert step_kinds(steps, "Which jar holds more?") == ["fact", "fact", "derived", "answer"]
+    asked = solution_steps("The left jar holds 4. The right jar holds 9. Is 4 more than 9? no. So the right jar.")
+    assert asked[2] == "Is 4 more than 9? no."                      # a question and its answer: one step
+    assert step_kinds(asked, "Which jar holds more?") == ["fact", "fact", "derived", "answer"]
     # a number the question or hint states is not looked up; a step with no number is text
     assert step_kinds(["The left jar holds 4.", "Jars hold marbles.", "So 4."], "It holds 4 or 5.") == \
         ["derived", "text", "answer"]

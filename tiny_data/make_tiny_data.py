@@ -241,6 +241,12 @@ def clear_direction(a: dict, b: dict) -> str | None:
 # explicit numbers, then the content answer ("So yes."). A place is a small number: the 64-px picture is 8
 # columns and 8 rows of 8 px (the tiny ViT's patch grid), counted from 1 at the left and at the top; a GAP of
 # 10 px always puts two objects in different columns (rows). Solutions draw nothing from the rng.
+# A relation's comparison is asked in the question's own direction ("to the right of": "Is 2 more than 5?
+# no."), so the content answer copies its yes/no: written "2 is less than 5. So no.", the answer is the
+# comparison combined with a relation word far back in the question, a hop the tiny decoder did not learn
+# (49% after the gold steps; asked in the question's direction, 100% in 300 steps). An owner question names
+# the owners in its comparison ("Is Ivy's 6 more than Sam's 5? yes. So Ivy."): without them, the owner
+# after the yes/no stayed at chance in 700 steps; with them, 100% in 400.
 CELL = IMAGE_SIZE // 8
 
 
@@ -254,6 +260,17 @@ def where(o: dict, axis: str) -> str:
 
 def compare(a: int, b: int) -> str:
     return f"{a} is {'less' if a < b else 'more'} than {b}."
+
+
+def ask(a: int, op: str, b: int, owners: tuple[str, str] | None = None) -> str:
+    """A comparison asked and answered: ask(2, "more", 5) -> "Is 2 more than 5? no."; with owners ("Ivy",
+    "Sam"): "Is Ivy's 2 more than Sam's 5? no." (the owner to answer is then next to the yes/no: a copy)."""
+    holds = a < b if op == "less" else a > b
+    x, y = (f"{owners[0]}'s {a}", f"{owners[1]}'s {b}") if owners else (a, b)
+    return f"Is {x} {op} than {y}? {'yes' if holds else 'no'}."
+
+
+RELATION_OPS = {"to the left of": "less", "to the right of": "more", "above": "less", "below": "more"}
 
 
 def q_relation(rng):
@@ -273,7 +290,7 @@ def q_relation(rng):
         ra, rb = ref(rng, a, objects), ref(rng, b, objects)
         return Q(f"Is {ra} {rel} {rb}?", ["yes", "no"], want, scene=objects,
                  solution=f"{ra.capitalize()} is {where(a, axis)}. {rb.capitalize()} is {where(b, axis)}. "
-                          f"{compare(cell(a, axis), cell(b, axis))} So {want}.")
+                          f"{ask(cell(a, axis), RELATION_OPS[rel], cell(b, axis))} So {want}.")
     return until(make)
 
 
@@ -340,7 +357,7 @@ def q_compare_count(rng):
     objects = place(rng, kinds)
     wa, wb = (f"{a} shapes", f"{b} shapes") if by_colour else (plural(a), plural(b))
     return Q(f"Are there more {wa} than {wb}?", ["yes", "no"], want, scene=objects,
-             solution=f"The number of {wa} is {na}. The number of {wb} is {nb}. {compare(na, nb)} So {want}.")
+             solution=f"The number of {wa} is {na}. The number of {wb} is {nb}. {ask(na, 'more', nb)} So {want}.")
 
 
 def q_nearest(rng):
@@ -360,6 +377,7 @@ def q_nearest(rng):
 
 OWNER_RELS = {"higher up in": ("y", min), "lower down in": ("y", max), "farther left in": ("x", min),
               "farther right in": ("x", max)}
+OWNER_OPS = {rel: "less" if best is min else "more" for rel, (axis, best) in OWNER_RELS.items()}
 
 
 def q_owner(rng):
@@ -380,7 +398,7 @@ def q_owner(rng):
         hint = f"{p} owns {ra}. {q} owns {rb}."
         return Q(f"Whose shape is {rel} the picture?", [p, q], winner, hint=hint, scene=objects, keep_order=True,
                  solution=f"{p} owns {ra}, {where(a, axis)}. {q} owns {rb}, {where(b, axis)}. "
-                          f"{compare(cell(a, axis), cell(b, axis))} So {winner}.")
+                          f"{ask(cell(a, axis), OWNER_OPS[rel], cell(b, axis), (p, q))} So {winner}.")
     return until(make)
 
 
@@ -687,8 +705,10 @@ def caption(q: Q, rng: random.Random) -> str:
 # ScienceQA layout
 
 def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int = SCIENCEQA_SEED,
-                   shuffle: bool = False) -> None:
-    """The toy ScienceQA under `out`; `shuffle` lists every question's choices shuffled (see order_choices)."""
+                   shuffle: bool = False, facts: bool = False) -> None:
+    """The toy ScienceQA under `out`; `shuffle` lists every question's choices shuffled (see order_choices);
+    `facts` gives the oracle the picture in the step-wise solutions' wording (scene_facts), not scene_in_words."""
+    describe = scene_facts if facts else scene_in_words
     rng = Rng(seed)
     # pids 1..N interleave the splits, as in the real problems.json
     order = [s for s in sizes for _ in range(sizes[s])]
@@ -707,7 +727,7 @@ def make_scienceqa(out: Path, sizes: dict[str, int] = SCIENCEQA_SIZES, seed: int
                              image="image.png" if q.scene else None, task=t.task,
                              grade=f"grade{rng.randint(*t.grades)}", subject=t.subject, topic=t.topic,
                              category=t.category, skill=t.skill, lecture=t.lecture, solution=q.solution, split=split,
-                             description=scene_in_words(q.scene, q.kind) if q.scene else None)   # the oracle's context
+                             description=describe(q.scene, q.kind) if q.scene else None)   # the oracle's context
         splits[split].append(pid)
         if q.scene:
             write_png(render(q.scene, LAND if q.kind == "map" else BACKGROUND), out / "images" / split / pid / "image.png")
@@ -841,6 +861,25 @@ def scene_in_words(objects: list[dict], kind: str = "shapes") -> str:
     return " ".join(parts)
 
 
+def scene_facts(objects: list[dict], kind: str = "shapes") -> str:
+    """A picture in words, each fact in the wording a step-wise solution uses for it ("The red circle is in
+    column 2, row 5.", "The number of red shapes is 1.", ...), so a solution's look-ups are copies: the
+    step-wise decoder's pretraining (stepwise.py) and, with --facts, the oracle's context."""
+    if kind == "map":
+        return " ".join(f"The {o['colour']} town is in column {cell(o, 'x')}, row {cell(o, 'y')}."
+                        for o in objects)
+    parts = [f"The {name(o)} is in column {cell(o, 'x')}, row {cell(o, 'y')}." for o in objects]
+    parts += [f"The number of {c} shapes is {sum(o['colour'] == c for o in objects)}." for c in COLOURS]
+    parts += [f"The number of {plural(s)} is {sum(o['shape'] == s for o in objects)}." for s in SHAPES]
+    parts += [f"The shape closest to the {edge} is the {name(first)}." for edge, (axis, best) in EDGES.items()
+              if (first := first_clearly(objects, axis, best))]
+    parts += [f"The shape {side} the {name(anchor)} is the {name(other)}."
+              for anchor in objects for side in SIDES if (other := only_beyond(objects, anchor, side))]
+    parts += [f"The shape nearest to the {name(t)} is the {name(others[0])}."
+              for t in (objects if len(objects) >= 3 else []) if (others := nearest_to(objects, t))]
+    return " ".join(parts)
+
+
 PICTURE_TYPES = [q_relation, q_extreme, q_colour_beside, q_count, q_compare_count, q_nearest, q_owner,
                  q_map_farthest, q_map_direction]
 
@@ -947,11 +986,13 @@ if __name__ == "__main__":
                     help="write only a toy ScienceQA into DIR (with --shuffle / --seed), not the committed files")
     ap.add_argument("--shuffle", action="store_true", help="shuffle every question's choices, as ScienceQA does")
     ap.add_argument("--seed", type=int, default=SCIENCEQA_SEED)
+    ap.add_argument("--facts", action="store_true",
+                    help="describe each picture (the oracle's context) in the step-wise solutions' wording")
     a = ap.parse_args()
     if a.scienceqa:
         shutil.rmtree(a.scienceqa, ignore_errors=True)
-        make_scienceqa(a.scienceqa, seed=a.seed, shuffle=a.shuffle)
-    elif a.shuffle or a.seed != SCIENCEQA_SEED:
-        ap.error("--shuffle and --seed write another set: give its directory with --scienceqa DIR")
+        make_scienceqa(a.scienceqa, seed=a.seed, shuffle=a.shuffle, facts=a.facts)
+    elif a.shuffle or a.facts or a.seed != SCIENCEQA_SEED:
+        ap.error("--shuffle, --facts and --seed write another set: give its directory with --scienceqa DIR")
     else:
         main()

@@ -13,7 +13,7 @@ choices shuffled; the numbers are from the run that chose this recipe):
    induction head forms, ~step 800) and the letter hop follows (99% by step 2,000 at lr 1e-3; at 3e-3 the
    copies were learned but the letters stayed at 58%).
 2. steps: documents in the step-wise format, choices shuffled, each picture given in words in the
-   solutions' own wording (`scene_facts`); a third are letter hops, plus copies and rows of the direct
+   solutions' own wording (`make_tiny_data.scene_facts`); a third are letter hops, plus copies and rows of the direct
    decoder's corpus (so it keeps what it knew). The letter after the gold solution: 100%.
 3. look-ups: the look-up-in-words documents (`words_lookup_document`, also tiny_data/lookup.py's) with the
    direct corpus. After stage 2 the memory's read of a named object (the look-up probe's harness) had
@@ -127,25 +127,6 @@ def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batc
 @torch.no_grad()
 
 
-def scene_facts(objects: list[dict], kind: str = "shapes") -> str:
-    """A picture in words, each fact in the wording a step-wise solution uses for it ("The red circle is in
-    column 2, row 5.", "The number of red shapes is 1.", ...), so a solution's look-ups are copies."""
-    if kind == "map":
-        return " ".join(f"The {o['colour']} town is in column {world.cell(o, 'x')}, row {world.cell(o, 'y')}."
-                        for o in objects)
-    name, cell = world.name, world.cell
-    parts = [f"The {name(o)} is in column {cell(o, 'x')}, row {cell(o, 'y')}." for o in objects]
-    parts += [f"The number of {c} shapes is {sum(o['colour'] == c for o in objects)}." for c in world.COLOURS]
-    parts += [f"The number of {world.plural(s)} is {sum(o['shape'] == s for o in objects)}." for s in world.SHAPES]
-    parts += [f"The shape closest to the {edge} is the {name(first)}." for edge, (axis, best) in world.EDGES.items()
-              if (first := world.first_clearly(objects, axis, best))]
-    parts += [f"The shape {side} the {name(anchor)} is the {name(other)}."
-              for anchor in objects for side in world.SIDES if (other := world.only_beyond(objects, anchor, side))]
-    parts += [f"The shape nearest to the {name(t)} is the {name(others[0])}."
-              for t in (objects if len(objects) >= 3 else []) if (others := world.nearest_to(objects, t))]
-    return " ".join(parts)
-
-
 def letter_hops_document(rng: world.Rng, hops: int = 3) -> str:
     """A real question's options (shuffled, no context), then "So X. The answer is L." for several of them."""
     q = rng.choice(world.QTYPES).make(rng)
@@ -163,7 +144,7 @@ def stepwise_document(rng: world.Rng, letter_share: float, direct_share: float =
     picture = rng.random() < 0.45 / (1 - 0.3)         # of the rest: ~64% picture questions (the experiment's mix)
     kinds = [t for t in world.QTYPES if (t.make in world.PICTURE_TYPES) == picture]
     q = rng.choices(kinds, weights=[t.weight for t in kinds])[0].make(rng)
-    context = " ".join(x for x in (q.hint, scene_facts(q.scene, q.kind) if q.scene else "") if x)
+    context = " ".join(x for x in (q.hint, world.scene_facts(q.scene, q.kind) if q.scene else "") if x)
     choices = world.shuffle_choices(rng, q, "step-wise")
     fmt = "QCM-A" if rng.random() < direct_share else "QCM-EA"
     return scienceqa_prompt(q.question, choices, context) + scienceqa_target(choices.index(q.answer), fmt,
