@@ -109,8 +109,8 @@ def test_the_picture_in_words_states_what_the_questions_ask():
 
 def test_solutions_are_steps_that_lead_to_the_answer():
     """Each solution is facts, then a comparison of two explicit numbers asked in the question's direction and
-    answered as they say, then the content answer that follows from it; the places are the 8x8 grid's columns
-    and rows (1..8, from the left and from the top)."""
+    answered as they say (a relation's after the question restated, word for word), then the content answer
+    that follows from it; the places are the 8x8 grid's columns and rows (1..8, from the left and from the top)."""
     import re
     rng = gen.Rng(7)
     for make in (gen.q_relation, gen.q_owner, gen.q_compare_count):
@@ -118,12 +118,13 @@ def test_solutions_are_steps_that_lead_to_the_answer():
             q = make(rng)
             assert q.solution.endswith(f" So {q.answer}.")
             facts = re.findall(r"(?:in (?:column|row)|is) (\d)\.", q.solution)
-            m = re.search(r"Is (\w+'s )?(\d) (less|more) than (\w+'s )?(\d)\? (yes|no)\.", q.solution)
-            a, op, b, said = int(m[2]), m[3], int(m[5]), m[6]
+            m = re.search(r"(?:^|\. )([^.:]+: is|Is) (\w+'s )?(\d) (less|more) than (\w+'s )?(\d)\? (yes|no)\.", q.solution)
+            asked, (a, op, b, said) = m[1], (int(m[3]), m[4], int(m[6]), m[7])
+            assert asked == ("Is" if make is gen.q_compare_count else f"{q.question[:-1]}: is")
             assert [a, b] == [int(f) for f in facts[:2]] and a != b
             assert (said == "yes") == ((a < b) if op == "less" else (a > b))
             if make is gen.q_owner:                               # yes: the owner asked about first wins
-                first, second = m[1][:-3], m[4][:-3]                # "Ivy's " -> "Ivy"
+                first, second = m[2][:-3], m[5][:-3]                # "Ivy's " -> "Ivy"
                 assert q.solution.startswith(f"{first} owns ") and {first, second} == set(q.choices)
                 assert (said == "yes") == (q.answer == first)
                 assert op == ("less" if "higher up" in q.question or "farther left" in q.question else "more")

@@ -57,6 +57,23 @@ def test_a_step_wise_solution_copies_its_look_ups_from_the_picture_in_words(seed
         assert sentence in context
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10 ** 6))
+def test_the_relations_stage_draws_relations_whose_comparison_follows_the_question_restated(seed):
+    doc = S.stepwise_document(S.world.Rng(seed), letter_share=0.0, direct_share=0.0, only=S.RELATIONAL)
+    question = re.search(r"^Question: (.*)$", doc, re.M).group(1)
+    assert question.startswith(("Is ", "Whose shape is "))
+    assert f"{question[:-1]}: is " in doc.split("Response:")[1]
+
+
+def test_an_unknown_stage_is_an_error_before_any_teaching(tok):
+    llama = Transformer(TINY.llama)
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^unknown step-wise stage 'relatoins' \(known: letters, steps, relations"):
+        S.teach_stepwise(llama, tok, stages=("steps", "relatoins"))
+    assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
+
+
 def test_loss_weights_fall_on_the_response_and_the_letters(tok):
     doc = S.letter_hops_document(S.world.Rng(3))
     ids, weights = S.weighted(doc, tok, prompt_weight=0.2, answer_weight=5.0, response_weight=1.0)

@@ -244,9 +244,12 @@ def clear_direction(a: dict, b: dict) -> str | None:
 # A relation's comparison is asked in the question's own direction ("to the right of": "Is 2 more than 5?
 # no."), so the content answer copies its yes/no: written "2 is less than 5. So no.", the answer is the
 # comparison combined with a relation word far back in the question, a hop the tiny decoder did not learn
-# (49% after the gold steps; asked in the question's direction, 100% in 300 steps). An owner question names
-# the owners in its comparison ("Is Ivy's 6 more than Sam's 5? yes. So Ivy."): without them, the owner
-# after the yes/no stayed at chance in 700 steps; with them, 100% in 400.
+# (49% after the gold steps). The direction (less or more) did not come from that far either: 50-57% after
+# 1,000 steps on relation documents alone, and a linear probe of the decoder's states where it is written
+# reads it at chance. So the comparison follows the question restated ("Is the red shape below the blue
+# circle: is 2 more than 7? no."): the restatement is a copy, the direction then a word away (100% in 100
+# steps). An owner question names the owners in its comparison ("is Ivy's 6 more than Sam's 5? yes. So
+# Ivy."): without them the owner after the yes/no stayed at chance in 700 steps; with them, 100% in 400.
 CELL = IMAGE_SIZE // 8
 
 
@@ -262,15 +265,18 @@ def compare(a: int, b: int) -> str:
     return f"{a} is {'less' if a < b else 'more'} than {b}."
 
 
-def ask(a: int, op: str, b: int, owners: tuple[str, str] | None = None) -> str:
+def ask(a: int, op: str, b: int, owners: tuple[str, str] | None = None, restate: str = "") -> str:
     """A comparison asked and answered: ask(2, "more", 5) -> "Is 2 more than 5? no."; with owners ("Ivy",
-    "Sam"): "Is Ivy's 2 more than Sam's 5? no." (the owner to answer is then next to the yes/no: a copy)."""
+    "Sam"): "Is Ivy's 2 more than Sam's 5? no." (the owner to answer is then next to the yes/no: a copy);
+    after a question restated, restate="Is the red shape below the blue circle?": "Is the red shape below the
+    blue circle: is 2 more than 5? no." (the direction is then next to the relation word)."""
     holds = a < b if op == "less" else a > b
     x, y = (f"{owners[0]}'s {a}", f"{owners[1]}'s {b}") if owners else (a, b)
-    return f"Is {x} {op} than {y}? {'yes' if holds else 'no'}."
+    asked = f"{x} {op} than {y}? {'yes' if holds else 'no'}."
+    return f"{restate.removesuffix('?')}: is {asked}" if restate else f"Is {asked}"
 
 
-RELATION_OPS = {"to the left of": "less", "to the right of": "more", "above": "less", "below": "more"}
+RELATION_OPS = {side: "less" if sign < 0 else "more" for side, (axis, sign) in SIDES.items()}   # -1: left, up
 
 
 def q_relation(rng):
@@ -288,9 +294,10 @@ def q_relation(rng):
         if truth != (want == "yes"):
             return None
         ra, rb = ref(rng, a, objects), ref(rng, b, objects)
-        return Q(f"Is {ra} {rel} {rb}?", ["yes", "no"], want, scene=objects,
+        question = f"Is {ra} {rel} {rb}?"
+        return Q(question, ["yes", "no"], want, scene=objects,
                  solution=f"{ra.capitalize()} is {where(a, axis)}. {rb.capitalize()} is {where(b, axis)}. "
-                          f"{ask(cell(a, axis), RELATION_OPS[rel], cell(b, axis))} So {want}.")
+                          f"{ask(cell(a, axis), RELATION_OPS[rel], cell(b, axis), restate=question)} So {want}.")
     return until(make)
 
 
@@ -395,10 +402,10 @@ def q_owner(rng):
         if (winner == p) != first_wins:
             return None
         ra, rb = ref(rng, a, objects), ref(rng, b, objects)
-        hint = f"{p} owns {ra}. {q} owns {rb}."
-        return Q(f"Whose shape is {rel} the picture?", [p, q], winner, hint=hint, scene=objects, keep_order=True,
+        hint, question = f"{p} owns {ra}. {q} owns {rb}.", f"Whose shape is {rel} the picture?"
+        return Q(question, [p, q], winner, hint=hint, scene=objects, keep_order=True,
                  solution=f"{p} owns {ra}, {where(a, axis)}. {q} owns {rb}, {where(b, axis)}. "
-                          f"{ask(cell(a, axis), OWNER_OPS[rel], cell(b, axis), (p, q))} So {winner}.")
+                          f"{ask(cell(a, axis), OWNER_OPS[rel], cell(b, axis), (p, q), question)} So {winner}.")
     return until(make)
 
 

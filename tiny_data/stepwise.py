@@ -4,8 +4,8 @@ with shuffled choices, as LLaMA writes a solution before its answer.
 The direct decoder (pretrain.py, lm.pt) answers in one hop. A tiny frozen decoder cannot learn the
 relational hops at once (copy two names, look each one's number up, compare, answer, map the answer to its
 letter), but each hop alone is learnable, and the step-wise solution (ScienceQA's `solution` field) spells
-them out. This continues the direct decoder's pretraining in four stages (measured on held-out documents,
-choices shuffled; the numbers are from the run that chose this recipe):
+them out. This continues the direct decoder's pretraining in five stages (measured on held-out documents,
+choices shuffled; the numbers are from the runs that chose this recipe, experiment scripts):
 
 1. letters: the letter of a named option ("So blue. The answer is C."), several per document, half of
    each batch a random token sequence written twice (loss on the repeat). Without the copies the letter
@@ -15,11 +15,16 @@ choices shuffled; the numbers are from the run that chose this recipe):
 2. steps: documents in the step-wise format, choices shuffled, each picture given in words in the
    solutions' own wording (`make_tiny_data.scene_facts`); a third are letter hops, plus copies and rows of the direct
    decoder's corpus (so it keeps what it knew). The letter after the gold solution: 100%.
-3. look-ups: the look-up-in-words documents (`words_lookup_document`, also tiny_data/lookup.py's) with the
+3. relations: spatial relations and owners alone (as often each), with the direct corpus, lr held. In
+   the mix of stage 2 their last hops were not learned; alone, with the solutions' comparison after the
+   question restated ("Is the red shape below the blue circle: is 2 more than 7? no. So no."), the
+   direction (less or more) after the restatement is 100% by step 100, and the owner after the yes/no
+   ("is Ivy's 6 more than Sam's 5? yes. So Ivy.") went from chance to 100% between steps 300 and 400.
+4. look-ups: the look-up-in-words documents (`words_lookup_document`, also tiny_data/lookup.py's) with the
    direct corpus. After stage 2 the memory's read of a named object (the look-up probe's harness) had
    fallen to ~41%; taught last, the look-ups bring it to ~80% (stage order matters: taught before stage 2,
    the gain is lost).
-4. all together, briefly, so that stage 3 does not erase stage 2's format: letters 100%, look-up in
+5. all together, briefly, so that stage 4 does not erase stage 2's format: letters 100%, look-up in
    words 100%, the memory's read ~88% (harness).
 
 Deterministic for a given torch build and thread count: every draw is seeded.
@@ -43,13 +48,18 @@ STEPWISE_RECIPE = dict(
     seed=2911,
     letters=dict(steps=2000, lr=1e-3, batch=32, copy_share=0.5),     # at 3e-3 the letters were not learned
     steps=dict(steps=1500, lr=1e-3, own=12, docs=12, copies=8, lookups=0),
+    relations=dict(steps=600, lr=1e-3, own=12, docs=12, copies=0, lookups=0),   # lr held (no cosine)
     lookups=dict(steps=1000, lr=1e-3),
     mix=dict(steps=600, lr=1e-3, own=12, docs=12, copies=8, lookups=12),
     letter_share=0.3,          # of stage 2/4 documents: letter hops
     prompt_weight=0.2,         # loss weight on a step-wise document's prompt (its scene is random: unpredictable)
     answer_weight=5.0,         # on each answer letter
 )
-SMOKE = dict(letters=dict(steps=2, batch=4), steps=dict(steps=2), lookups=dict(steps=2), mix=dict(steps=2))
+SMOKE = dict(letters=dict(steps=2, batch=4), steps=dict(steps=2), relations=dict(steps=2), lookups=dict(steps=2),
+             mix=dict(steps=2))
+STAGES = ("letters", "steps", "relations", "lookups", "mix")
+# the relations whose comparison's direction comes from the question's relation word (make_tiny_data.ask)
+RELATIONAL = (world.q_relation, world.q_owner)
 
 # the look-up in words (also tiny_data/lookup.py's): a picture's facts as sentences, then some asked again
 AXES = {"x": ("column", "to the left of"), "y": ("row", "above")}
@@ -124,9 +134,6 @@ def teach_lookup(llama: nn.Module, tokenizer, steps: int, lr: float = 1e-3, batc
     llama.requires_grad_(False)
 
 
-@torch.no_grad()
-
-
 def letter_hops_document(rng: world.Rng, hops: int = 3) -> str:
     """A real question's options (shuffled, no context), then "So X. The answer is L." for several of them."""
     q = rng.choice(world.QTYPES).make(rng)
@@ -136,14 +143,20 @@ def letter_hops_document(rng: world.Rng, hops: int = 3) -> str:
     return scienceqa_prompt(q.question, choices, "") + " " + said
 
 
-def stepwise_document(rng: world.Rng, letter_share: float, direct_share: float = 0.15) -> str:
+def stepwise_document(rng: world.Rng, letter_share: float, direct_share: float = 0.15,
+                      only: tuple | None = None) -> str:
     """A question in the fine-tuning format, choices shuffled, its picture (if any) in words; the target is
-    the step-wise solution then the answer (QCM-EA), a few answer at once (QCM-A); or a letter-hops document."""
+    the step-wise solution then the answer (QCM-EA), a few answer at once (QCM-A); or a letter-hops document.
+    `only`: draw the question from these question makers alone, each as often."""
     if rng.random() < letter_share:
         return letter_hops_document(rng)
     picture = rng.random() < 0.45 / (1 - 0.3)         # of the rest: ~64% picture questions (the experiment's mix)
     kinds = [t for t in world.QTYPES if (t.make in world.PICTURE_TYPES) == picture]
-    q = rng.choices(kinds, weights=[t.weight for t in kinds])[0].make(rng)
+    if only:
+        kinds = [t for t in world.QTYPES if t.make in only]
+        q = rng.choice(kinds).make(rng)
+    else:
+        q = rng.choices(kinds, weights=[t.weight for t in kinds])[0].make(rng)
     context = " ".join(x for x in (q.hint, world.scene_facts(q.scene, q.kind) if q.scene else "") if x)
     choices = world.shuffle_choices(rng, q, "step-wise")
     fmt = "QCM-A" if rng.random() < direct_share else "QCM-EA"
@@ -192,13 +205,18 @@ def letter_accuracy(llama: nn.Module, tok, n: int = 300, seed: int = 99991, hops
     return 100.0 * (guess == tokens[:, 1:])[letters].float().mean().item()
 
 
-def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Callable = print) -> None:
-    """Continue the direct decoder's pretraining in STEPWISE_RECIPE's four stages (module docstring), in place."""
+def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Callable = print,
+                   stages: tuple[str, ...] = STAGES) -> None:
+    """Continue the direct decoder's pretraining in STEPWISE_RECIPE's stages (module docstring), in place;
+    `stages`: which of them, in this order."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown step-wise stage {unknown[0]!r} (known: {', '.join(STAGES)})")
     r = recipe or STEPWISE_RECIPE
     device = next(llama.parameters()).device
     docs_rng, copy_rng = world.Rng(r["seed"]), random.Random(r["seed"] + 1)
     look_rng, g = random.Random(r["seed"] + 2), torch.Generator().manual_seed(r["seed"])
-    rows, row_weights = own_corpus(tok)                 # packed once, for stages 2-4
+    rows, row_weights = own_corpus(tok)                 # packed once, for stages 2-5
 
     def loss_of(tokens, weights):                     # weights[:, i]: of predicting tokens[:, i + 1]
         tokens, weights = tokens.to(device), weights.to(device)
@@ -212,14 +230,15 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
         tokens, weights = padded(batch, tok.pad_id)
         return [(tokens, weights[:, 1:])]
 
-    def mixed_batch(s):                               # stages 2 and 4: own corpus + documents (+ copies, look-ups)
+    def mixed_batch(s, only=None):                    # stages 2, 3 and 5: own corpus + documents (+ copies, look-ups)
         own = torch.randint(len(rows), (s["own"],), generator=g)
+        letter_share = 0.0 if only else r["letter_share"]
         parts = [(rows[own], row_weights[own], False),
-                 (*padded([weighted(stepwise_document(docs_rng, r["letter_share"]), tok, r["prompt_weight"],
-                                           r["answer_weight"]) for _ in range(s["docs"])], tok.pad_id), True)]
+                 (*padded([weighted(stepwise_document(docs_rng, letter_share, only=only), tok, r["prompt_weight"],
+                                    r["answer_weight"]) for _ in range(s["docs"])], tok.pad_id), True)]
         if s["lookups"]:
             parts.append((*padded([words_lookup_document(look_rng, tok)
-                                          for _ in range(s["lookups"])], tok.pad_id), True))
+                                   for _ in range(s["lookups"])], tok.pad_id), True))
         if s["copies"]:
             parts.append((*padded([copy_document(copy_rng, tok) for _ in range(s["copies"])], tok.pad_id), True))
         return [(t, w[:, 1:] if shifted else w) for t, w, shifted in parts]
@@ -241,18 +260,23 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
     def cosine(step, total):                          # 100 steps' warmup, then half a cosine
         return min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / total))
 
-    llama.requires_grad_(True)
     llama.train()
-    run("letters", r["letters"], letters_batch, lambda *_: 1.0)
-    log(f"step-wise decoder: letter hops {letter_accuracy(llama, tok, hops=True):.1f}% (held out)")
-    run("steps", r["steps"], mixed_batch, cosine)
-    llama.requires_grad_(False)
-    teach_lookup(llama, tok, r["lookups"]["steps"], lr=r["lookups"]["lr"], seed=r["seed"], log=log,
-                 own=(rows, row_weights))
-    llama.requires_grad_(True)
-    run("all together", r["mix"], mixed_batch, cosine)
+    for stage in stages:
+        llama.requires_grad_(True)
+        if stage == "letters":
+            run("letters", r["letters"], letters_batch, lambda *_: 1.0)
+            log(f"step-wise decoder: letter hops {letter_accuracy(llama, tok, hops=True):.1f}% (held out)")
+        elif stage == "steps":
+            run("steps", r["steps"], mixed_batch, cosine)
+        elif stage == "relations":
+            run("relations", r["relations"], lambda s: mixed_batch(s, only=RELATIONAL), lambda *_: 1.0)
+        elif stage == "lookups":
+            llama.requires_grad_(False)
+            teach_lookup(llama, tok, r["lookups"]["steps"], lr=r["lookups"]["lr"], seed=r["seed"], log=log,
+                         own=(rows, row_weights))
+        else:
+            run("all together", r["mix"], mixed_batch, cosine)
     llama.requires_grad_(False)
     llama.eval()
     log(f"step-wise decoder: letter after the gold solution {letter_accuracy(llama, tok):.1f}%, "
         f"look-up in words {words_lookup_accuracy(llama, tok):.1f}% (held out)")
-
