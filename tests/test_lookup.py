@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import model.config as C
-from model.assemble import make_tokenizer
+from model.assemble import make_tokenizer, model_from_config
 from model.tokenizer import ByteTokenizer
 from tiny_data import lookup, make_tiny_data as world
 
@@ -84,3 +84,47 @@ def test_teaching_the_decoder_leaves_it_frozen_and_the_query_is_measured_per_blo
     assert all(q["mean"] > 0 and q["spread"] >= 0 and 0 <= q["name share"] <= 100 + 1e-6 for q in out["query"])
     for q in out["query"]:                                  # the name's part: the share of the spread, in norm
         assert q["name part"] == pytest.approx(q["spread"] * (q["name share"] / 100) ** 0.5, rel=1e-4)
+
+
+def test_the_read_selection_compares_the_named_line_with_the_others_and_the_keys_parts():
+    cfg = C.apply_overrides(C.get_config("tiny"), ["train.pretrained=false"])
+    tok = make_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = model_from_config(cfg, torch.device("cpu"), log=lambda *a: None)
+    items = lookup.make_items(6, 5, cfg, tok, axis="y")
+    for it in items:
+        assert it["axis"] == "y" and it["cell"] not in it["others"] and all(1 <= c <= 8 for c in it["others"])
+    rows = lookup.read_selection(model, items, tok.pad_id)
+    assert [r["block"] for r in rows] == list(range(cfg.llama.n_layers))
+    assert all(r["z"] > 0 and r["z spread"] > 0 and r["p1"] > 0 for r in rows)
+    with torch.no_grad():                              # no picture in the keys (Z = 0) and P1 = 0: alpha = SiLU(0)
+        for proj in model.memory.projectors:
+            proj.fc2.weight.zero_()
+            proj.fc2.bias.zero_()
+        model.memory.p1.zero_()
+    for r in lookup.read_selection(model, items, tok.pad_id):
+        assert r["z"] == r["z spread"] == r["p1"] == 0 and r["named"] == r["others"] == r["empty"] == 0
+    one = items[:1]                                    # a key on the named row's 8 patch slots only
+    with torch.no_grad():
+        row = one[0]["cell"] - 1
+        model.memory.p1[0, row * 8:(row + 1) * 8] = torch.randn(cfg.llama.dim)
+    for r in lookup.read_selection(model, one, tok.pad_id):
+        assert r["named"] != 0 and r["others"] == r["empty"] == 0
+
+
+def test_a_runs_checkpoint_is_measured_with_its_own_adapters(tmp_path):
+    from model.checkpoint import adapters_checkpoint, atomic_save, backbone_fingerprint
+    from model.train import make_optimizer
+    cfg = C.apply_overrides(C.get_config("tiny"), ["train.pretrained=false"])
+    torch.manual_seed(0)
+    model = model_from_config(cfg, torch.device("cpu"), log=lambda *a: None)
+    with torch.no_grad():                              # adapters no fresh model has: no picture in Z, P1 = 0
+        for proj in model.memory.projectors:
+            proj.fc2.weight.zero_()
+            proj.fc2.bias.zero_()
+        model.memory.p1.zero_()
+    atomic_save(adapters_checkpoint(cfg, model, 3, 1.0, make_optimizer(model, cfg), [], None,
+                                    backbone_fingerprint(model)), tmp_path / "checkpoint.pt")
+    out = lookup.run(None, 0, False, n_train=4, n_test=5, ckpt=str(tmp_path / "checkpoint.pt"), log=lambda *a: None)
+    assert [s for s, _ in out["scores"]] == [0] and [s for s, _ in out["selection"]] == [0]
+    assert all(r["z"] == r["p1"] == 0 and r["named"] == r["others"] == r["empty"] == 0 for r in out["selection"][0][1])

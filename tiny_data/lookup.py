@@ -16,6 +16,10 @@ its place out through the values), not the ViT.
 
 `--wording` sets the solution's words before the digit ({name}: "red circle", {axis}: "column" or "row").
 
+`read_selection` shows where the read looks: per block, the match α = SiLU(u Kᵀ) at the look-up token on the
+named object's column, on the other objects' columns and on the empty ones, with the keys' two parts (Z, the
+picture, and P1, the same for every picture) side by side.
+
 The query of the read is the decoder's FFN input u at the token before the digit. `query_strength` measures, per
 block, how much of u depends on which object is named: the norm of its mean over the items, the spread around it,
 and the share of that spread explained by the name. `--teach-decoder STEPS` first continues the frozen decoder's
@@ -25,7 +29,7 @@ needs, half of each step on its own corpus so that it keeps its answer format, b
 for the adapters' training.
 
     python -m tiny_data.lookup [--steps 600] [--ideal] [--teach-decoder 0] [--wording "The {name} is in {axis}"]
-                               [--set k=v ...]
+                               [--ckpt RUN/checkpoint.pt] [--set k=v ...]
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.assemble import load_config, make_tokenizer, model_from_config
+from model.assemble import load_config, make_tokenizer, model_from_checkpoint, model_from_config
 from model.config import Config
 from model.data import channels_first, image_pixels, scienceqa_prompt
 from model.train import default_device
@@ -67,8 +71,8 @@ def ideal_labels(objects: list[dict], grid: int) -> torch.Tensor:
 def make_items(n: int, seed: int, cfg: Config, tokenizer, wording: str = WORDING, axis: str = "x",
                n_objects: tuple[int, int] = (2, 4)) -> list[dict]:
     """n items: tokens (the prompt and the solution up to the digit), target (the digit's token id), cell (the
-    first named object's column/row, 1-8), name (its colour and shape), image ((3, S, S) uint8), labels
-    (ideal_labels)."""
+    first named object's column/row, 1-8), name (its colour and shape), axis, others (the columns/rows the
+    other objects are in, the named one's excluded), image ((3, S, S) uint8), labels (ideal_labels)."""
     rng = random.Random(seed)
     word, relation = AXES[axis]
     grid = cfg.vit.image_size // cfg.vit.patch_size
@@ -83,7 +87,8 @@ def make_items(n: int, seed: int, cfg: Config, tokenizer, wording: str = WORDING
         target = tokenizer.encode(f"{text} {cell}", bos=True)
         if target[:len(tokens)] != tokens or len(target) != len(tokens) + 1:
             raise ValueError(f"the tokenizer does not make ' {cell}' one token after {text!r}")
-        items.append(dict(tokens=tokens, target=target[-1], cell=cell, name=world.name(a),
+        others = sorted({world.cell(o, axis) for o in objects if o is not a} - {cell})
+        items.append(dict(tokens=tokens, target=target[-1], cell=cell, name=world.name(a), axis=axis, others=others,
                           labels=ideal_labels(objects, grid),
                           image=channels_first(image_pixels(world.render(objects), cfg.vit.image_size))))
     return items
@@ -169,17 +174,72 @@ def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool
     return rows
 
 
-def run(cfg: Config, steps: int, ideal: bool, wording: str = WORDING, axis: str = "x", n_train: int = 2400,
+@torch.no_grad()
+def read_selection(model: nn.Module, items: list[dict], pad_id: int, ideal: bool = False) -> list[dict]:
+    """Where the read looks, per decoder block: the match α = SiLU(u Kᵀ) (before M and dropout) at each item's
+    look-up token, averaged over the patch slots of the named object's column (row: `axis` "y"), of the other
+    objects' columns, and of the columns no object is in. A read that finds the named object gives its
+    line another α than the other objects' lines; one that ignores the picture gives them all the same. With
+    the parts of the keys K = Z + P1: "z" the mean norm of Z over the patch slots, "z spread" of Z around its
+    mean over the patches of a picture (what tells the patches apart), "p1" the mean norm of P1 there."""
+    was = model.training
+    model.eval()
+    tokens, last, _, pictures = batch(items, pad_id, ideal, model.memory.p1.device)
+    us = {}
+    hooks = [block.ffn_norm.register_forward_hook(lambda m, i, o, b=b: us.__setitem__(b, o))
+             for b, block in enumerate(model.llama.layers)]
+    try:
+        z = model.visual_memory(len(items), pictures)                          # (B, N, D)
+        model(tokens, pictures)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    grid = model.cfg.vit.grid
+    if grid != world.IMAGE_SIZE // world.CELL:
+        raise ValueError(f"the ViT's {grid}x{grid} patches are not the toy pictures' "
+                         f"{world.IMAGE_SIZE // world.CELL}x{world.IMAGE_SIZE // world.CELL} cells")
+    P = grid * grid
+    keys = (z + model.memory.p1)[:, :P]                                       # (B, P, D): the patch slots
+    rows = torch.arange(len(items), device=last.device)
+    out = []
+    for b in sorted(us):
+        alpha = F.silu(torch.einsum("bd,bpd->bp", us[b][rows, last].to(keys.dtype), keys)).cpu()
+        alpha = alpha.reshape(len(items), grid, grid)                          # (B, rows, columns)
+        parts = {"named": [], "others": [], "empty": []}
+        for r, it in enumerate(items):
+            lines = alpha[r] if it.get("axis", "x") == "y" else alpha[r].T       # (line, patches along it)
+            named, others = it["cell"] - 1, [c - 1 for c in it["others"]]
+            empty = [c for c in range(grid) if c != named and c not in others]
+            parts["named"].append(lines[named].mean().item())
+            if others:
+                parts["others"].append(lines[others].mean().item())
+            if empty:
+                parts["empty"].append(lines[empty].mean().item())
+        out.append({"block": b, **{k: sum(v) / len(v) if v else float("nan") for k, v in parts.items()}})
+    zp = z[:, :P].float()
+    norms = {"z": zp.norm(dim=-1).mean().item(), "z spread": (zp - zp.mean(1, keepdim=True)).norm(dim=-1).mean().item(),
+             "p1": model.memory.p1[0, :P].float().norm(dim=-1).mean().item()}
+    return [dict(r, **norms) for r in out]
+
+
+def run(cfg: Config | None, steps: int, ideal: bool, wording: str = WORDING, axis: str = "x", n_train: int = 2400,
         n_test: int = 400, n_objects: tuple[int, int] = (2, 4), every: int = 0, seed: int = 0,
-        teach_decoder: int = 0, log=print) -> dict:
-    """(With teach_decoder, teach the decoder the look-up in words first.) Train the adapters (or the ideal
+        teach_decoder: int = 0, ckpt: str = "", overrides: tuple[str, ...] = (), log=print) -> dict:
+    """(With ckpt, start from a run's checkpoint instead of cfg: its config, `overrides` applied as `lsrm.py
+    evaluate --set` applies them, and its trained adapters; with teach_decoder, teach the decoder the look-up in
+    words first.) Train the adapters (or the ideal
     features and the memory) on the look-up for `steps` steps; score. Returns {"steps", "seconds", "scores":
     [(step, score(...)), ...]} (step 0 is before training), "query" (query_strength before training), "words"
-    (the decoder's look-up in words, % before and after teaching)."""
+    (the decoder's look-up in words, % before and after teaching), "selection" ([(0, read_selection(...)),
+    (steps, ...)]: before and after training)."""
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer(cfg)
     device = default_device()                            # a GPU if there is one
-    model = model_from_config(cfg, device, log=lambda *a: None)
+    if ckpt:
+        cfg, model, tokenizer, _ = model_from_checkpoint(ckpt, device, list(overrides), log=lambda *a: None)
+    else:
+        tokenizer = make_tokenizer(cfg)
+        model = model_from_config(cfg, device, log=lambda *a: None)
     words = [words_lookup_accuracy(model.llama, tokenizer)]
     if teach_decoder:
         teach_lookup(model.llama, tokenizer, teach_decoder, seed=seed, log=log)
@@ -195,6 +255,7 @@ def run(cfg: Config, steps: int, ideal: bool, wording: str = WORDING, axis: str 
     rng, pad, t0 = random.Random(seed + 3), tokenizer.pad_id, time.time()
     scores = [(0, score(model, test_items, pad, ideal, tokenizer))]
     query = query_strength(model, test_items, pad, ideal)
+    selection = [(0, read_selection(model, test_items, pad, ideal))]
     model.train()
     for step in range(1, steps + 1):
         tokens, last, targets, pictures = batch(rng.sample(train_items, min(cfg.train.batch_size, n_train)), pad,
@@ -207,7 +268,10 @@ def run(cfg: Config, steps: int, ideal: bool, wording: str = WORDING, axis: str 
         if step == steps or (every and step % every == 0):
             scores.append((step, score(model, test_items, pad, ideal, tokenizer)))
             log(f"step {step}: loss {loss.item():.3f}, " + ", ".join(f"{k} {v:.1f}%" for k, v in scores[-1][1].items()))
-    return {"steps": steps, "seconds": time.time() - t0, "scores": scores, "query": query, "words": words}
+    if steps:
+        selection.append((steps, read_selection(model, test_items, pad, ideal)))
+    return {"steps": steps, "seconds": time.time() - t0, "scores": scores, "query": query, "words": words,
+            "selection": selection}
 
 
 def main(argv=None) -> None:
@@ -221,16 +285,24 @@ def main(argv=None) -> None:
     p.add_argument("--teach-decoder", type=int, default=0, metavar="STEPS",
                    help="first teach the decoder the look-up in words for this many steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", default="", help="start from a run's checkpoint.pt (its config and adapters; "
+                                               "--steps 0 only measures it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a tiny config override")
     args = p.parse_args(argv)
-    cfg = load_config("tiny", args.set)
+    cfg = None if args.ckpt else load_config("tiny", args.set)
     out = run(cfg, args.steps, args.ideal, args.wording, args.axis, n_objects=tuple(map(int, args.objects.split(","))),
-              every=args.every, seed=args.seed, teach_decoder=args.teach_decoder)
+              every=args.every, seed=args.seed, teach_decoder=args.teach_decoder, ckpt=args.ckpt, overrides=args.set)
     print("the decoder's look-up in words: " + " -> ".join(f"{w:.1f}%" for w in out["words"]))
     print("the read's query u at the look-up token, per block: |mean u|, spread, % of the spread's variance the name "
           "explains, the name's part of the spread")
     for q in out["query"]:
         print(f"  block {q['block']}: {q['mean']:.2f}, {q['spread']:.2f}, {q['name share']:.1f}%, {q['name part']:.2f}")
+    print("where the read looks at the look-up token, per block: the mean match SiLU(u K^T) on the named object's "
+          "line, the other objects' lines and the empty ones; the keys' parts |Z|, Z's spread over a picture, |P1|")
+    for step, rows in out["selection"]:
+        r0 = rows[0]
+        print(f"  step {step}: |Z| {r0['z']:.2f}, spread {r0['z spread']:.2f}, |P1| {r0['p1']:.2f}; " + "; ".join(
+            f"block {r['block']} {r['named']:.3f} / {r['others']:.3f} / {r['empty']:.3f}" for r in rows))
     s = out["scores"][-1][1]
     held = "ideal features" if args.ideal else "the ViT"
     print(f"look-up after {out['steps']} steps ({out['seconds']:.0f} s), {held}:"
