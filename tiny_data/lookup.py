@@ -147,24 +147,32 @@ def score(model: nn.Module, items: list[dict], pad_id: int, ideal: bool, tokeniz
     return result
 
 
+def look_up_queries(model: nn.Module, tokens: torch.Tensor, last: torch.Tensor, z: torch.Tensor) -> dict:
+    """The decoder reading memory z (B, N, D): {block: its FFN input u, the read's query, at each row's `last`
+    token (B, D)}."""
+    us = {}
+    hooks = [block.ffn_norm.register_forward_hook(lambda m, i, o, b=b: us.__setitem__(b, o))
+             for b, block in enumerate(model.llama.layers)]
+    try:
+        model.decode(tokens, z)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = torch.arange(len(tokens), device=last.device)
+    return {b: us[b][rows, last] for b in sorted(us)}
+
+
 def query_strength(model: nn.Module, items: list[dict], pad_id: int, ideal: bool = False) -> list[dict]:
     """Per decoder block: the FFN input u (the memory read's query) at each item's last token, (n, D). -> |mean u|,
     the spread (root mean squared distance to the mean) and the % of its variance explained by which object the
     item names (between-name over total); "name part" is that part's own spread, the root of the between-name
     variance: how far the queries of two named objects lie apart."""
-    us = {}
-    hooks = [block.ffn_norm.register_forward_hook(lambda m, i, o, b=b: us.__setitem__(b, o))
-             for b, block in enumerate(model.llama.layers)]
     tokens, last, _, pictures = batch(items, pad_id, ideal, model.memory.p1.device)
-    try:
-        model(tokens, pictures)
-    finally:
-        for h in hooks:
-            h.remove()
+    us = look_up_queries(model, tokens, last, model.visual_memory(len(items), pictures))
     named = [it["name"] for it in items]
     rows = []
     for b in sorted(us):
-        u = us[b][torch.arange(len(items), device=last.device), last].float().cpu()    # (n, D)
+        u = us[b].float().cpu()                                                         # (n, D)
         mean = u.mean(0)
         total = ((u - mean) ** 2).sum(1).mean()
         between = sum(((u[[i for i, m in enumerate(named) if m == k]].mean(0) - mean) ** 2).sum() * named.count(k)
@@ -182,33 +190,27 @@ def read_selection(model: nn.Module, items: list[dict], pad_id: int, ideal: bool
     line another α than the other objects' lines; one that ignores the picture gives them all the same. With
     the parts of the keys K = Z + P1: "z" the mean norm of Z over the patch slots, "z spread" of Z around its
     mean over the patches of a picture (what tells the patches apart), "p1" the mean norm of P1 there."""
-    was = model.training
-    model.eval()
-    tokens, last, _, pictures = batch(items, pad_id, ideal, model.memory.p1.device)
-    us = {}
-    hooks = [block.ffn_norm.register_forward_hook(lambda m, i, o, b=b: us.__setitem__(b, o))
-             for b, block in enumerate(model.llama.layers)]
-    try:
-        z = model.visual_memory(len(items), pictures)                          # (B, N, D)
-        model(tokens, pictures)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
     grid = model.cfg.vit.grid
     if grid != world.IMAGE_SIZE // world.CELL:
         raise ValueError(f"the ViT's {grid}x{grid} patches are not the toy pictures' "
                          f"{world.IMAGE_SIZE // world.CELL}x{world.IMAGE_SIZE // world.CELL} cells")
+    was = model.training
+    model.eval()
+    tokens, last, _, pictures = batch(items, pad_id, ideal, model.memory.p1.device)
+    try:
+        z = model.visual_memory(len(items), pictures)                          # (B, N, D)
+        us = look_up_queries(model, tokens, last, z)
+    finally:
+        model.train(was)
     P = grid * grid
     keys = (z + model.memory.p1)[:, :P]                                       # (B, P, D): the patch slots
-    rows = torch.arange(len(items), device=last.device)
     out = []
     for b in sorted(us):
-        alpha = F.silu(torch.einsum("bd,bpd->bp", us[b][rows, last].to(keys.dtype), keys)).cpu()
+        alpha = F.silu(torch.einsum("bd,bpd->bp", us[b].to(keys.dtype), keys)).cpu()
         alpha = alpha.reshape(len(items), grid, grid)                          # (B, rows, columns)
         parts = {"named": [], "others": [], "empty": []}
         for r, it in enumerate(items):
-            lines = alpha[r] if it.get("axis", "x") == "y" else alpha[r].T       # (line, patches along it)
+            lines = alpha[r] if it["axis"] == "y" else alpha[r].T       # (line, patches along it)
             named, others = it["cell"] - 1, [c - 1 for c in it["others"]]
             empty = [c for c in range(grid) if c != named and c not in others]
             parts["named"].append(lines[named].mean().item())
