@@ -129,8 +129,9 @@ def fact_positions(ex: Example, tokenizer) -> list[tuple[int, int]]:
 def fact_probe(model: LSRM, dataset, examples: list[Example], tokenizer, device, batch: int = 64) -> dict:
     """The memory's read of each looked-up fact, teacher-forced: at every number a picture item's gold solution
     looks up, is the model's next token that number, given the gold text before it? With each item's own
-    picture, and with the pictures shuffled among the items (each gets another's): {type: (% own, % shuffled)},
-    and "all". What the picture adds to a fact, apart from the decoder's guess from the question."""
+    picture, and with the pictures shuffled among the items (each gets another's): {type: (% of items with
+    every number right, own / shuffled, % of the numbers right, own / shuffled)}, and "all". What the picture
+    adds to a fact, apart from the decoder's guess from the question."""
     model.eval()
     wanted = []                                                    # (dataset index, type, [(pos, token)])
     for i, ex in enumerate(examples):
@@ -142,7 +143,8 @@ def fact_probe(model: LSRM, dataset, examples: list[Example], tokenizer, device,
                   if start + k < len(item["tokens"]) and item["tokens"][start + k] == target[k]]
         if checks:
             wanted.append((i, ex.info["type"], checks))
-    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])     # type -> [right own, right shuffled, n]
+    # type -> [items right own, shuffled, items, numbers right own, shuffled, numbers]
+    hits: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
     for j in range(0, len(wanted), batch):
         chunk = wanted[j:j + batch]
         b = dataset.collate([dataset[i] for i, _, _ in chunk])
@@ -152,13 +154,16 @@ def fact_probe(model: LSRM, dataset, examples: list[Example], tokenizer, device,
                 continue
             pred = model(tokens, imgs, b["has_image"].to(device)).argmax(-1)          # (B, T)
             for row, (_, kind, checks) in enumerate(chunk):
-                right = all(int(pred[row, pos - 1]) == tok for pos, tok in checks)
+                right = [int(pred[row, pos - 1]) == tok for pos, tok in checks]
                 for key in (kind, "all"):
-                    hits[key][k] += right
-        for _, kind, _ in chunk:
+                    hits[key][k] += all(right)
+                    hits[key][3 + k] += sum(right)
+        for _, kind, checks in chunk:
             for key in (kind, "all"):
                 hits[key][2] += 1
-    return {k: (100.0 * r / n, 100.0 * s / n) for k, (r, s, n) in hits.items()}
+                hits[key][5] += len(checks)
+    return {k: (100.0 * r / n, 100.0 * s / n, 100.0 * nr / m, 100.0 * ns / m)
+            for k, (r, s, n, nr, ns, m) in hits.items()}
 
 
 def scienceqa_bounds(model, examples: list[Example], dataset, tokenizer, device, batch: int = 64,
@@ -267,7 +272,7 @@ def report(cfg, result: dict) -> str:
                     "steps (a comparison) right where every fact is; ans|st: % of content answers right where every "
                     "step before is; lett|ans: % of letters right where the content answer is; probe / shuffl.: "
                     "teacher-forced, % of picture items whose looked-up numbers are all the model's next token, with "
-                    "their own / another item's picture")
+                    "their own / another item's picture; num / num sh.: % of the looked-up number tokens, likewise")
     return out
 
 

@@ -256,18 +256,18 @@ def hop_metrics(records) -> dict[str, dict]:
 
 def hop_table(hops: dict[str, dict], probe: dict | None = None) -> str:
     """`hop_metrics` as a fixed-width table (picture types first); `probe` adds the teacher-forced fact
-    columns: {type: (% with the true pictures, % with shuffled ones)}."""
+    columns: {type: (% of items with every fact right with the true pictures, with shuffled ones; % of the
+    facts' number tokens right, likewise)}."""
     width = max([len(t) for t in hops] + [28])
     head = (f"{'question type':{width}} {'n':>5} {'facts':>6} {'names':>7} {'fact|nm':>8} {'deriv|f':>8} "
-            f"{'ans|st':>7} {'lett|ans':>8}" + (f" {'probe':>7} {'shuffl.':>7}" if probe else ""))
+            f"{'ans|st':>7} {'lett|ans':>8}" + (f" {'probe':>7} {'shuffl.':>7} {'num':>7} {'num sh.':>7}" if probe else ""))
     rows = [head]
     for k in sorted((k for k in hops if k != "all"), key=lambda k: (not hops[k]["image"], k)) + ["all"]:
         m = hops[k]
         row = (f"{k:{width}} {m['n']:>5} {m['facts']:>6} {_cell(m['names']):>7} {_cell(m['fact']):>8} "
                f"{_cell(m['derived']):>8} {_cell(m['answer']):>7} {_cell(m['letter']):>8}")
         if probe:
-            true, shuffled = probe.get(k, (None, None))
-            row += f" {_cell(true):>7} {_cell(shuffled):>7}"
+            row += "".join(f" {_cell(v):>7}" for v in probe.get(k, (None,) * 4))
         rows.append(row)
     return "\n".join(rows)
 

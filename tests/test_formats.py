@@ -336,8 +336,8 @@ def test_hop_metrics_and_table():
     m = hop_metrics(records)
     assert set(m) == {"jars", "all"} and m["jars"]["facts"] == 6 and m["jars"]["names"] == 100
     assert m["jars"]["fact"] == pytest.approx(500 / 6) and m["jars"]["derived"] == 100 and m["jars"]["letter"] == pytest.approx(100 / 3)
-    table = hop_table(m, {"jars": (75.0, 25.0), "all": (75.0, 25.0)})
-    assert table.splitlines()[1].split()[-2:] == ["75.00", "25.00"]
+    table = hop_table(m, {"jars": (75.0, 25.0, 80.0, 30.0), "all": (75.0, 25.0, 80.0, 30.0)})
+    assert table.splitlines()[1].split()[-4:] == ["75.00", "25.00", "80.00", "30.00"]
 
 
 def test_fact_positions_are_the_looked_up_numbers():
@@ -373,5 +373,31 @@ def test_fact_probe_separates_the_pictures_own_read(tmp_path):
         info = dict(question="Which jar holds more?", hint="", has_image=True, type="jars")
         examples.append(Example(str(i), "Question: ?\nResponse:", f" {STEPWISE} The answer is B.", path, info))
     dataset = VLDataset(examples, TOK, 8)
-    assert fact_probe(Oracle(False), dataset, examples, TOK, "cpu") == {"jars": (100.0, 100.0), "all": (100.0, 100.0)}
-    assert fact_probe(Oracle(True), dataset, examples, TOK, "cpu") == {"jars": (100.0, 0.0), "all": (100.0, 0.0)}
+    every = (100.0, 100.0, 100.0, 100.0)
+    assert fact_probe(Oracle(False), dataset, examples, TOK, "cpu") == {"jars": every, "all": every}
+    own = (100.0, 0.0, 100.0, 0.0)
+    assert fact_probe(Oracle(True), dataset, examples, TOK, "cpu") == {"jars": own, "all": own}
+
+
+class WrongAt(torch.nn.Module):
+    """A stand-in model whose next token is right except where it is `token` (there it is the one after)."""
+
+    def __init__(self, token: int):
+        super().__init__()
+        self.token = token
+
+    def forward(self, tokens, images, has_image):
+        nxt = tokens[:, 1:].clone()
+        nxt[nxt == self.token] += 1
+        return torch.nn.functional.one_hot(torch.cat([nxt, nxt[:, -1:]], 1), 300).float()
+
+
+def test_fact_probe_counts_numbers_apart_from_items(tmp_path):
+    path = tmp_path / "0.png"
+    Image.new("RGB", (8, 8)).save(path)
+    info = dict(question="Which jar holds more?", hint="", has_image=True, type="jars")
+    examples = [Example(str(i), "Question: ?\nResponse:", f" {STEPWISE} The answer is B.", path, info) for i in range(2)]
+    nine = TOK.encode(" 9")[-1]                # the second looked-up number's last token read wrong
+    share = 100.0 * (len(TOK.encode(" 4")) + len(TOK.encode(" 9")) - 1) / (len(TOK.encode(" 4")) + len(TOK.encode(" 9")))
+    got = fact_probe(WrongAt(nine), VLDataset(examples, TOK, 8), examples, TOK, "cpu")
+    assert got["all"] == pytest.approx((0.0, 0.0, share, share))
