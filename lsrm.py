@@ -191,12 +191,13 @@ def cmd_probe(args) -> None:
 
 def cmd_pretrain(args) -> None:
     """Pretrain the tiny backbones and write the committed files (tiny_data/README.md: the command, checksums)."""
-    from tiny_data.pretrain import BACKBONES, write_backbones
+    from tiny_data.pretrain import BACKBONES, FILES, write_backbones
     cfg = load_config(args.config, args.set)
     tiny_only(cfg, "only the tiny ViT and decoder are pretrained here")
     torch.set_num_threads(args.threads)          # results depend on the thread count: fix it
     t0 = time.time()
-    sums = write_backbones(cfg, make_tokenizer(cfg), Path(args.out) if args.out else BACKBONES, smoke=args.smoke)
+    sums = write_backbones(cfg, make_tokenizer(cfg), Path(args.out) if args.out else BACKBONES, smoke=args.smoke,
+                           only=tuple(args.only or FILES))
     for path, digest in sums.items():
         print(f"sha256 {digest}  {path}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {fmt_time(time.time() - t0)}")
@@ -285,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("pretrain", cmd_pretrain, "pretrain the tiny backbones into tiny_data/backbones (committed)",
                 config="tiny", config_help="tiny (the only preset with its own backbones)")
-    p.add_argument("--out", help="directory for vit.pt and lm.pt (default tiny_data/backbones)")
+    p.add_argument("--out", help="directory for vit.pt, lm.pt and lm_stepwise.pt (default tiny_data/backbones)")
+    p.add_argument("--only", nargs="+", choices=["vit.pt", "lm.pt", "lm_stepwise.pt"],
+                   help="write only these (lm_stepwise.pt alone: taught from the lm.pt and vit.pt in --out)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (the files depend on it: 2 wrote the committed ones)")
     p.add_argument("--smoke", action="store_true", help="a few steps only: files that load (CI)")

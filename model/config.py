@@ -197,7 +197,8 @@ class TrainConfig:
     pretrained: bool = True          # tiny only: False keeps random frozen backbones (smoke tests)
     # tiny only: which frozen decoder. direct: lm.pt, taught to answer at once (choices in a fixed order);
     # stepwise: that one taught further to write step-wise solutions, map an answer to its shuffled letter
-    # and look facts up (tiny_data/stepwise.py; for QCM-EA; not committed: pretrained once, ~22 min CPU)
+    # and look facts up (tiny_data/stepwise.py; for QCM-EA; lm_stepwise.pt). Tiny departure: its last stage
+    # trains it with a throwaway memory, as a large decoder already reads facts arriving through its FFNs
     tiny_decoder: str = "direct"
     vit_weights: str = ""
     llm_weights: str = ""

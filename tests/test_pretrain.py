@@ -1,4 +1,4 @@
-"""The committed tiny backbones (tiny_data/backbones/{vit,lm}.pt): the command that writes them is
+"""The committed tiny backbones (tiny_data/backbones/{vit,lm,lm_stepwise}.pt): the command that writes them is
 deterministic, the committed files fit the tiny config and `train` uses them without pretraining, and a
 file that is damaged or written for another config is never used silently."""
 import hashlib
@@ -51,7 +51,7 @@ def smoke(tmp_path_factory):
 
 def test_pretrain_command_is_deterministic_and_prints_checksums(smoke):
     (a, b), (ra, rb) = smoke
-    for name in ("vit.pt", "lm.pt"):
+    for name in P.FILES:
         da, db = (a / name).read_bytes(), (b / name).read_bytes()
         assert da == db                                            # same bytes, whatever the file's name
         assert f"sha256 {hashlib.sha256(da).hexdigest()}  {a / name}" in ra.stdout
@@ -62,13 +62,37 @@ def test_smoke_files_load_with_their_recipe(smoke, tok):
     out = smoke[0][0]
     vit = P.read_backbone(out / "vit.pt", P.vit_fits(TINY, {**P.VIT_RECIPE, **P.SMOKE["vit"]}))
     lm = P.read_backbone(out / "lm.pt", P.llm_fits(TINY, tok, {**P.LM_RECIPE, **P.SMOKE["lm"]}))
+    from tiny_data import stepwise as S
+    stepwise = P.read_backbone(out / "lm_stepwise.pt", P.stepwise_fits(
+        TINY, tok, {**P.LM_RECIPE, **P.SMOKE["lm"]},
+        {**S.STEPWISE_RECIPE, **{k: {**S.STEPWISE_RECIPE[k], **v} for k, v in S.SMOKE.items()}},
+        {**S.READ_RECIPE, **S.READ_SMOKE}, {**P.VIT_RECIPE, **P.SMOKE["vit"]}))
+    assert stepwise.keys() == lm.keys() and any(not torch.equal(stepwise[k], lm[k]) for k in lm)
     model = __import__("model.vlm", fromlist=["build"]).build(TINY)
     missing, unexpected = model.load_state_dict({**vit, **lm}, strict=False)
     assert not unexpected and all(".adapter." in k or k.startswith("memory.") for k in missing)
 
 
+def test_only_the_step_wise_decoder_is_taught_from_the_files_there(smoke, tmp_path):
+    """--only lm_stepwise.pt reads lm.pt and vit.pt from --out (same bytes as the full command's); without
+    them it is a one-line error naming the missing file, and nothing is written."""
+    a = smoke[0][0]
+    for name in ("vit.pt", "lm.pt"):
+        (tmp_path / name).write_bytes((a / name).read_bytes())
+    r = run("pretrain", "--smoke", "--threads", 1, "--out", tmp_path, "--only", "lm_stepwise.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "lm_stepwise.pt").read_bytes() == (a / "lm_stepwise.pt").read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run("pretrain", "--smoke", "--threads", 1, "--out", empty, "--only", "lm_stepwise.pt")
+    assert r.returncode != 0 and not list(empty.iterdir())
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        f"{empty / 'lm.pt'}: missing or written for another recipe; the step-wise decoder is taught from it: "
+        f"write it first (`python lsrm.py pretrain --smoke --only lm.pt`)")
+
+
 def test_committed_backbones_fit_the_tiny_config_and_need_no_pretraining(tok, monkeypatch, tmp_path):
-    sizes = [(P.BACKBONES / n).stat().st_size for n in ("vit.pt", "lm.pt")]
+    sizes = [(P.BACKBONES / n).stat().st_size for n in P.FILES]
     assert sum(sizes) <= 10 * 2 ** 20                               # the repository's limit: 10 MB together
 
     def no(*a, **k):

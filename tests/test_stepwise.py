@@ -105,17 +105,74 @@ def test_teaching_changes_the_decoder_and_is_deterministic(tok):
 
 
 def test_tiny_decoder_picks_the_decoder(tok, tmp_path, monkeypatch):
+    """Without a committed lm_stepwise.pt: stages 1-5 and stage 6 are each pretrained once into the cache."""
+    committed = tmp_path / "backbones"                    # the committed direct decoder and ViT only
+    committed.mkdir()
+    for name in ("lm.pt", "vit.pt"):
+        (committed / name).symlink_to(P.BACKBONES / name)
     cfg = C.apply_overrides(C.get_config("tiny"), ["train.tiny_decoder=stepwise"])
     monkeypatch.setattr(P, "stepwise_llm", lambda cfg, tok, direct, log: {k: v + 1 for k, v in direct.items()})
+    monkeypatch.setattr(P, "read_llm", lambda cfg, tok, vit, stages, log: {k: v * 2 for k, v in stages.items()})
     lines = []
-    taught = P.pretrained_llm(cfg, tok, cache_dir=tmp_path, log=lines.append)
-    direct = P.pretrained_llm(TINY, tok, cache_dir=tmp_path, log=lambda *_: None)
-    assert all(torch.equal(taught[k], direct[k] + 1) for k in direct)
-    assert lines[0] == f"decoder: the committed {P.BACKBONES / 'lm.pt'}"
-    assert lines[1].startswith("pretraining lm_stepwise (once; cached in ")
+    taught = P.pretrained_llm(cfg, tok, cache_dir=tmp_path / "cache", log=lines.append, committed=committed)
+    direct = P.pretrained_llm(TINY, tok, cache_dir=tmp_path / "cache", log=lambda *_: None, committed=committed)
+    assert all(torch.equal(taught[k], (direct[k] + 1) * 2) for k in direct)
+    assert lines[0] == f"decoder: the committed {committed / 'lm.pt'}"
+    assert lines[1].startswith("pretraining lm_read (once; cached in ")
+    assert lines[2].startswith("pretraining lm_stepwise (once; cached in ")
     again = []
-    P.pretrained_llm(cfg, tok, cache_dir=tmp_path, log=again.append)      # the second time: from the cache
-    assert not any("pretraining" in line for line in again)
+    P.pretrained_llm(cfg, tok, cache_dir=tmp_path / "cache", log=again.append, committed=committed)
+    assert not any("pretraining" in line for line in again)                # the second time: from the cache
+
+
+def test_the_committed_step_wise_decoder_fits_and_needs_no_pretraining(tok, tmp_path, monkeypatch):
+    cfg = C.apply_overrides(C.get_config("tiny"), ["train.tiny_decoder=stepwise"])
+
+    def no(*a, **k):
+        raise AssertionError("pretrained although the committed step-wise decoder fits")
+    monkeypatch.setattr(P, "stepwise_llm", no)
+    monkeypatch.setattr(P, "read_llm", no)
+    lines = []
+    state = P.pretrained_llm(cfg, tok, cache_dir=tmp_path, log=lines.append)
+    assert lines[-1] == f"step-wise decoder: the committed {P.BACKBONES / 'lm_stepwise.pt'}"
+    direct = P.pretrained_llm(TINY, tok, cache_dir=tmp_path, log=lambda *_: None)
+    assert state.keys() == direct.keys() and any(not torch.equal(state[k], direct[k]) for k in direct)
+    assert not list(tmp_path.iterdir())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10 ** 6))
+def test_a_picture_document_weighs_the_numbers_to_read_from_the_picture(seed):
+    """Prompt 0 (the picture is not in it), response 1, the letter 5, and fact_weight on each number the
+    solution says that the question and hint do not: the ones only the picture (the memory) can give."""
+    tok = WordTokenizer(ROOT / TINY.train.tokenizer)
+    ids, weights, picture = S.picture_document(S.world.Rng(seed), tok, TINY.vit.image_size, fact_weight=7.0)
+    doc = tok.decode(ids)
+    assert picture.shape == (3, TINY.vit.image_size, TINY.vit.image_size) and picture.dtype == torch.uint8
+    assert "Context: " not in doc or not re.search(r"is in (column|row) \d", doc.split("Response:")[0])
+    n_prompt = len(tok.encode(doc[:doc.index("Response:") + len("Response:")], bos=True))
+    assert set(weights[:n_prompt]) == {0.0}
+    stated = set(re.findall(r"\d", doc.split("Response:")[0].split("\nOptions:")[0]))
+    for i in range(n_prompt, len(ids)):
+        word = tok.decode([ids[i]]).strip()
+        if word.isdigit() and word not in stated:
+            assert weights[i] == 7.0, (word, doc)
+        else:
+            assert weights[i] in (1.0, 5.0)
+    assert [tok.decode([i]).strip() for i, w in zip(ids, weights) if w == 5.0] == \
+        re.findall(r"The answer is ([A-E])\.", doc)
+
+
+def test_reading_a_memory_changes_only_the_decoder_and_is_deterministic(tok):
+    torch.manual_seed(0)
+    start = {f"llama.{k}": v.clone() for k, v in Transformer(TINY.llama).state_dict().items()}
+    vit = {f"visual.{k}": v for k, v in __import__("model.vit", fromlist=["x"]).VisionTransformer(
+        TINY.vit).state_dict().items()}
+    recipe = {**S.READ_RECIPE, **S.READ_SMOKE, "docs": 2, "own": 2, "lookups": 2, "copies": 2}
+    states = [P.read_llm(TINY, tok, vit, start, log=lambda *_: None, recipe=recipe) for _ in range(2)]
+    assert states[0].keys() == start.keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in start)
+    assert any(not torch.equal(states[0][k], v) for k, v in start.items())
 
 
 def test_an_unknown_tiny_decoder_is_a_one_line_error():

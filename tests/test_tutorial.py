@@ -136,7 +136,7 @@ def probe_table() -> str:
 
 def backbone_checksums() -> str:
     return "\n".join(f"sha256 {hashlib.sha256((ROOT / 'tiny_data/backbones' / f).read_bytes()).hexdigest()}  "
-                     f"tiny_data/backbones/{f}" for f in ("vit.pt", "lm.pt"))
+                     f"tiny_data/backbones/{f}" for f in ("vit.pt", "lm.pt", "lm_stepwise.pt"))
 
 
 def ablation(part: str) -> str:

@@ -10,8 +10,9 @@
   LLaMA has read text like ScienceQA's before and can reason about a scene described to it.
 
 Both are deterministic. `python lsrm.py pretrain` writes them to tiny_data/backbones/{vit,lm}.pt, the
-committed files `train` uses (README gives the command, torch version and checksums); a config or recipe
-they do not fit is pretrained instead, once, into runs/cache/ keyed by a hash of everything it depends on.
+committed files `train` uses (README gives the command, torch version and checksums), and the step-wise
+decoder (the direct one taught further by stepwise.py) to lm_stepwise.pt; a config or recipe they do not
+fit is pretrained instead, once, into runs/cache/ keyed by a hash of everything it depends on.
 """
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.checkpoint import atomic_save, write_atomically
-from model.config import Config, LlamaConfig, ViTConfig
+from model.config import Config, LlamaConfig, ViTConfig, memvp
 from model.data import preprocess_image
 from model.errors import CheckpointError, WeightsError
 from model.llama import Transformer
 from model.paths import ROOT
 from model.train import autocast
-from model.weights import all_finite
 from model.vit import VisionTransformer
+from model.vlm import build
+from model.weights import all_finite, load_own
 
 from . import make_tiny_data as world                 # the toy world's generator
 from .corpus import ANSWER_MARK, LM_RECIPE, answer_index, pack_documents, weighted_next_token_loss  # noqa: F401
@@ -211,6 +213,15 @@ def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print,
                  lambda: {f"visual.{k}": v for k, v in pretrain_vit(cfg.vit, cfg.train.preprocess, log).items()}, log)
 
 
+def stepwise_fits(cfg: Config, tok, lm: dict | None = None, stepwise: dict | None = None,
+                  read: dict | None = None, vit: dict | None = None) -> dict:
+    """Everything the step-wise decoder depends on: the direct decoder's, its own two recipes, and the ViT
+    whose pictures its last stage reads (`lm`, `stepwise`, `read`, `vit`: recipes, default the real ones)."""
+    from .stepwise import READ_RECIPE, STEPWISE_RECIPE
+    return {**llm_fits(cfg, tok, lm), "stepwise": stepwise or STEPWISE_RECIPE, "read": read or READ_RECIPE,
+            "read_vit": vit_fits(cfg, vit)}
+
+
 def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
                    committed: Path | None = BACKBONES) -> dict:
     """The tiny decoder's pretrained weights ('llama.*') for tokenizer `tok`, found likewise; with
@@ -221,11 +232,15 @@ def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = pr
                    lambda: {f"llama.{k}": v for k, v in pretrain_llm(cfg.llama, tok, log).items()}, log)
     if cfg.train.tiny_decoder == "direct":
         return direct
-    from .stepwise import STEPWISE_RECIPE
-    fits = {**fits, "stepwise": STEPWISE_RECIPE}
+    fits = stepwise_fits(cfg, tok)
+    key = _key(fits["llama"], LM_RECIPE, fits["stepwise"], fits["vocab"])
+
+    def taught():                               # stages 1-5 (cached on their own), then stage 6
+        stages = _cached(Path(cache_dir) / f"lm_stepwise-{key}.pt", lambda: stepwise_llm(cfg.llama, tok, direct, log),
+                         log)
+        return read_llm(cfg, tok, pretrained_vit(cfg, cache_dir, log, committed), stages, log)
     return _find("step-wise decoder", "lm_stepwise.pt", fits, committed,
-                 Path(cache_dir) / f"lm_stepwise-{_key(fits['llama'], LM_RECIPE, STEPWISE_RECIPE, fits['vocab'])}.pt",
-                 lambda: stepwise_llm(cfg.llama, tok, direct, log), log)
+                 Path(cache_dir) / f"lm_read-{_key(key, fits['read'], fits['read_vit'])}.pt", taught, log)
 
 
 def stepwise_llm(cfg: LlamaConfig, tok, direct: dict[str, torch.Tensor], log: Callable = print,
@@ -238,6 +253,19 @@ def stepwise_llm(cfg: LlamaConfig, tok, direct: dict[str, torch.Tensor], log: Ca
     return {f"llama.{k}": v.detach().clone() for k, v in llama.state_dict().items()}
 
 
+def read_llm(cfg: Config, tok, vit: dict[str, torch.Tensor], stepwise: dict[str, torch.Tensor],
+             log: Callable = print, recipe: dict | None = None) -> dict[str, torch.Tensor]:
+    """'llama.*' tensors of the step-wise decoder after stage 6 (stepwise.teach_read): `stepwise` (stages 1-5)
+    trained with a throwaway MemVP memory reading the tiny ViT `vit` ('visual.*')."""
+    from .stepwise import READ_RECIPE, teach_read
+    r = recipe or READ_RECIPE
+    torch.manual_seed(r["seed"])                           # the throwaway memory's init
+    model = build(memvp(cfg))
+    load_own(model, {**vit, **{k: v.float() for k, v in stepwise.items()}}, "tiny backbones")
+    teach_read(model, tok, r, log)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("llama.")}
+
+
 def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
                          committed: Path | None = BACKBONES) -> dict[str, torch.Tensor]:
     """{'visual.*', 'llama.*'} tensors of the tiny backbones: committed, or pretrained once and cached."""
@@ -245,26 +273,56 @@ def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE, log: Callabl
 
 
 SMOKE = dict(vit=dict(pool=64, steps=4, batch=8), lm=dict(docs=64, steps=4, batch=4))   # CI: seconds, not minutes
+FILES = ("vit.pt", "lm.pt", "lm_stepwise.pt")
 
 
-def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False,
-                    log: Callable = print) -> dict[str, str]:
-    """Pretrain both tiny backbones and write out/{vit,lm}.pt; returns {file: sha256}.
+def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False, log: Callable = print,
+                    only: tuple[str, ...] = FILES) -> dict[str, str]:
+    """Pretrain the tiny backbones and write out/{vit,lm,lm_stepwise}.pt (or those in `only`); {file: sha256}.
 
+    lm_stepwise.pt is the step-wise decoder: out/lm.pt taught by stepwise.py's six stages (the last reads
+    out/vit.pt's pictures); with `only` it reads those two files if it does not write them itself.
     Deterministic for a given torch build and thread count (`lsrm.py pretrain` fixes the threads): each
     file is serialised in memory first (torch.save to a path embeds the path's name) and written atomically.
-    `smoke` shrinks both recipes to a few steps: files that load, not weights that know anything."""
+    `smoke` shrinks every recipe to a few steps: files that load, not weights that know anything."""
+    from .stepwise import READ_RECIPE, READ_SMOKE, SMOKE as STEPWISE_SMOKE, STEPWISE_RECIPE
+    unknown = [f for f in only if f not in FILES]
+    if unknown:
+        raise ValueError(f"unknown backbone file {unknown[0]!r} (known: {', '.join(FILES)})")
     vit_r = {**VIT_RECIPE, **SMOKE["vit"]} if smoke else VIT_RECIPE
     lm_r = {**LM_RECIPE, **SMOKE["lm"]} if smoke else LM_RECIPE
+    sw_r = {**STEPWISE_RECIPE, **{k: {**STEPWISE_RECIPE[k], **v} for k, v in STEPWISE_SMOKE.items()}} \
+        if smoke else STEPWISE_RECIPE
+    read_r = {**READ_RECIPE, **READ_SMOKE} if smoke else READ_RECIPE
+    states: dict[str, dict] = {}
+
+    def written(name: str, fits: dict) -> dict[str, torch.Tensor]:      # made in this call, or read from out/
+        if name in states:
+            return states[name]
+        state = read_backbone(Path(out) / name, fits, log) if (Path(out) / name).is_file() else None
+        if state is None:
+            raise WeightsError(f"{Path(out) / name}: missing or written for another recipe; the step-wise decoder "
+                               f"is taught from it: write it first (`python lsrm.py pretrain"
+                               f"{' --smoke' if smoke else ''} --only {name}`)")
+        return state
+
+    def stepwise() -> dict[str, torch.Tensor]:
+        direct = written("lm.pt", llm_fits(cfg, tok, lm_r))
+        vit = written("vit.pt", vit_fits(cfg, vit_r))
+        return read_llm(cfg, tok, vit, stepwise_llm(cfg.llama, tok, direct, log, sw_r), log, read_r)
+
     made = {"vit.pt": (vit_fits(cfg, vit_r), lambda: {f"visual.{k}": v for k, v in
                                                       pretrain_vit(cfg.vit, cfg.train.preprocess, log, vit_r).items()}),
             "lm.pt": (llm_fits(cfg, tok, lm_r), lambda: {f"llama.{k}": v for k, v in
-                                                         pretrain_llm(cfg.llama, tok, log, lm_r).items()})}
+                                                         pretrain_llm(cfg.llama, tok, log, lm_r).items()}),
+            "lm_stepwise.pt": (stepwise_fits(cfg, tok, lm_r, sw_r, read_r, vit_r), stepwise)}
     sums = {}
-    for name, (fits, make) in made.items():
+    for name in (f for f in FILES if f in only):
+        fits, make = made[name]
+        states[name] = check_finite(make(), Path(out) / name)
         blob = {"format": BACKBONE_FORMAT, "fits": _plain(fits), "torch": str(torch.__version__),
                 "threads": torch.get_num_threads(),
-                "generator": hashlib.sha256(GENERATOR.read_bytes()).hexdigest(), "state": make()}
+                "generator": hashlib.sha256(GENERATOR.read_bytes()).hexdigest(), "state": states[name]}
         buf = io.BytesIO()
         torch.save(blob, buf)
         path = Path(out) / name
