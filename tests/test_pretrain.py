@@ -65,7 +65,7 @@ def test_smoke_files_load_with_their_recipe(smoke, tok):
     from tiny_data import stepwise as S
     stepwise = P.read_backbone(out / "lm_stepwise.pt", P.stepwise_fits(
         TINY, tok, {**P.LM_RECIPE, **P.SMOKE["lm"]},
-        {**S.STEPWISE_RECIPE, **{k: {**S.STEPWISE_RECIPE[k], **v} for k, v in S.SMOKE.items()}},
+        S.smoke_recipe(),
         {**S.READ_RECIPE, **S.READ_SMOKE}, {**P.VIT_RECIPE, **P.SMOKE["vit"]}))
     assert stepwise.keys() == lm.keys() and any(not torch.equal(stepwise[k], lm[k]) for k in lm)
     model = __import__("model.vlm", fromlist=["build"]).build(TINY)

@@ -91,15 +91,11 @@ def test_a_copy_document_repeats_and_weighs_only_the_predictable_repeat(tok):
     assert weights == [0.0] * (n + 2) + [1.0] * (n - 1)
 
 
-def smoke_recipe():
-    return {**S.STEPWISE_RECIPE, **{k: {**S.STEPWISE_RECIPE[k], **v} for k, v in S.SMOKE.items()}}
-
-
 def test_teaching_changes_the_decoder_and_is_deterministic(tok):
     torch.manual_seed(0)
     start = {k: v.clone() for k, v in Transformer(TINY.llama).state_dict().items()}
     states = [P.stepwise_llm(TINY.llama, tok, {f"llama.{k}": v for k, v in start.items()}, log=lambda *_: None,
-                             recipe=smoke_recipe()) for _ in range(2)]
+                             recipe=S.smoke_recipe()) for _ in range(2)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert any(not torch.equal(states[0][f"llama.{k}"], v) for k, v in start.items())
 

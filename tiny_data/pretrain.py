@@ -285,14 +285,13 @@ def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False
     Deterministic for a given torch build and thread count (`lsrm.py pretrain` fixes the threads): each
     file is serialised in memory first (torch.save to a path embeds the path's name) and written atomically.
     `smoke` shrinks every recipe to a few steps: files that load, not weights that know anything."""
-    from .stepwise import READ_RECIPE, READ_SMOKE, SMOKE as STEPWISE_SMOKE, STEPWISE_RECIPE
+    from .stepwise import READ_RECIPE, READ_SMOKE, STEPWISE_RECIPE, smoke_recipe
     unknown = [f for f in only if f not in FILES]
     if unknown:
         raise ValueError(f"unknown backbone file {unknown[0]!r} (known: {', '.join(FILES)})")
     vit_r = {**VIT_RECIPE, **SMOKE["vit"]} if smoke else VIT_RECIPE
     lm_r = {**LM_RECIPE, **SMOKE["lm"]} if smoke else LM_RECIPE
-    sw_r = {**STEPWISE_RECIPE, **{k: {**STEPWISE_RECIPE[k], **v} for k, v in STEPWISE_SMOKE.items()}} \
-        if smoke else STEPWISE_RECIPE
+    sw_r = smoke_recipe() if smoke else STEPWISE_RECIPE
     read_r = {**READ_RECIPE, **READ_SMOKE} if smoke else READ_RECIPE
     states: dict[str, dict] = {}
 

@@ -65,6 +65,12 @@ SMOKE = dict(letters=dict(steps=2, batch=4), steps=dict(steps=2), relations=dict
              mix=dict(steps=2))
 STAGES = ("letters", "steps", "relations", "lookups", "mix")
 
+
+def smoke_recipe() -> dict:
+    """STEPWISE_RECIPE with each stage shrunk by SMOKE (CI: files that load, not a decoder that knows anything)."""
+    return {**STEPWISE_RECIPE, **{k: {**STEPWISE_RECIPE[k], **v} for k, v in SMOKE.items()}}
+
+
 # Stage 6 (`teach_read`): the decoder trained on in-picture questions read through a throwaway memory
 READ_RECIPE = dict(
     seed=0, steps=600, lr=1e-3, warmup=50,      # the decoder's lr: warmup, then half a cosine
