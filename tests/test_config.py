@@ -52,9 +52,22 @@ def test_memvp_baseline_count():
 
 
 def test_every_preset_is_listed():
-    assert set(PRESETS) == {"tiny", "small", *PAPER_TRAINABLE, "llama-13b-coco"}
+    assert set(PRESETS) == {"tiny", "tiny-direct", "small", *PAPER_TRAINABLE, "llama-13b-coco"}
     assert get_config("llama-13b").lsrm.n_slots == 400 and get_config("llama-7b").lsrm.n_slots == 320
     assert get_config("llama-7b").lsrm.taps == [12, 22]
+
+
+def test_the_tiny_default_reasons_first_on_shuffled_choices():
+    """`tiny` (what `python lsrm.py train` runs) and `tiny-direct` share the model and differ in the recipe:
+    step-wise solution first with the step-wise decoder on the shuffled set, against an answer at once."""
+    tiny, direct = get_config("tiny"), get_config("tiny-direct")
+    assert (tiny.vit, tiny.llama) == (direct.vit, direct.llama) and counts(tiny)[0] == counts(direct)[0]
+    assert (tiny.train.prompt_format, tiny.train.tiny_decoder, tiny.train.data) == \
+        ("QCM-EA", "stepwise", "tiny_data/scienceqa_stepwise")
+    assert (direct.train.prompt_format, direct.train.tiny_decoder, direct.train.data) == \
+        ("QCM-A", "direct", "tiny_data/scienceqa")
+    assert (tiny.train.epochs, tiny.lsrm.shift_epoch) == (13, 10)        # M in the last quarter, as 15 of 20
+    assert get_config("small").train.prompt_format == "QCM-A"            # small keeps the one-hop recipe
 
 
 def meta_apply_scaling(freqs, factor, low, high, old):

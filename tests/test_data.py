@@ -56,8 +56,9 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_committed_files_equal_a_regeneration(tmp_path):
     gen.main(tmp_path)
+    gen.make_scienceqa(tmp_path / "scienceqa_stepwise", shuffle=True, facts=True)      # the `tiny` preset's set
     assert (tmp_path / "words.txt").read_bytes() == (ROOT / "tiny_data" / "words.txt").read_bytes()
-    for name in ("scienceqa", "coco"):
+    for name in ("scienceqa", "scienceqa_stepwise", "coco"):
         new, old = files(tmp_path / name), files(ROOT / "tiny_data" / name)
         assert new.keys() == old.keys(), f"{name}: files differ; rerun python tiny_data/make_tiny_data.py"
         for k in new:

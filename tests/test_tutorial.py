@@ -102,8 +102,9 @@ def tiny_run() -> dict:
 
 def tiny_chance() -> dict[str, float]:
     """Chance (1 / number of choices, averaged) per Table-1 column of the toy test split."""
+    from model.checkpoint import load_checkpoint
     from model.metrics import COLUMNS, _columns_of
-    root = ROOT / "tiny_data" / "scienceqa"
+    root = ROOT / load_checkpoint(ROOT / TINY_CKPT)["config"]["train"]["data"]      # the set the run was tested on
     problems = json.loads((root / "problems.json").read_text())
     n, chance = Counter(), Counter()
     for pid in json.loads((root / "pid_splits.json").read_text())["test"]:

@@ -181,11 +181,17 @@ def draw_figures(model: LSRM, tokenizer, path: Path, prompt: str, out: Path, dev
     PNGs' paths."""
     from model.data import load_pixels
     from model.evaluate import ANSWER_PREFIX
+    from model.metrics import answer_complete
     cfg = model.cfg
     image = load_pixels(path, cfg.vit.image_size, cfg.train.preprocess)[None].to(device)      # (1, 3, S, S) uint8
-    prefix = ANSWER_PREFIX if cfg.train.task == "scienceqa" else ""
+    steps_first = cfg.train.task == "scienceqa" and cfg.train.prompt_format != "QCM-A"
+    # QCM-A: the letter after " The answer is"; QCM-EA/LEA: the model writes its solution first, then the answer
+    prefix = ANSWER_PREFIX if cfg.train.task == "scienceqa" and not steps_first else ""
+    budget = (cfg.train.gen_tokens or 128) if steps_first else 8
+    stop = (lambda ids: answer_complete(tokenizer.decode(ids))) if steps_first else None
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt + prefix)
-    answer = model.generate(torch.tensor([ids], device=device), model.visual_memory(1, image), 8, tokenizer.eos_id)[0]
+    answer = model.generate(torch.tensor([ids], device=device), model.visual_memory(1, image), budget,
+                            tokenizer.eos_id, stop=stop)[0]
     text = prompt + prefix + tokenizer.decode(answer)
     n = len(tokenizer.encode(text)) + 1                                   # + BOS
     q_end = len(tokenizer.encode(prompt.split("\n")[0])) + 1            # end of the question line
