@@ -10,7 +10,7 @@ import pytest
 from conftest import CHILD_ENV, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tiny_data" / "scienceqa"
+DATA = ROOT / "tiny_data" / "scienceqa_stepwise"           # the default (tiny) preset's set
 QUICK = ["--set", "train.pretrained=false", "--set", "train.limit=64", "--set", "train.epochs=1",
          "--set", "train.batch_size=16", "--set", "train.eval_split=minitest"]
 
@@ -395,7 +395,9 @@ def test_max_len_and_tokenizer_files_are_checked_up_front(tmp_path):
     r = run("train", "--out", tmp_path / "a", *QUICK, "--set", "train.max_len=4")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "a").exists()
     assert "problems.json: item" in r.stderr and "its answer alone is" in r.stderr and "train.max_len=4" in r.stderr
-    r = run("train", "--out", tmp_path / "b", *QUICK, "--set", "train.max_len=24", "--stop-after", "1", "--no-eval")
+    # answers at once (QCM-A): every prompt is cut, no answer is (QCM-EA's answer is a whole solution)
+    r = run("train", "--out", tmp_path / "b", *QUICK, "--config", "tiny-direct", "--set", "train.max_len=24",
+            "--stop-after", "1", "--no-eval")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "note: 64 of 64 items of" in r.stdout and "longer than train.max_len=24" in r.stdout
     for value, message in [(tmp_path / "nope.txt", "no such tokenizer file"),

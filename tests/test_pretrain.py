@@ -102,7 +102,8 @@ def test_committed_backbones_fit_the_tiny_config_and_need_no_pretraining(tok, mo
     lines = []
     state = P.pretrained_backbones(TINY, tok, cache_dir=tmp_path, log=lines.append)
     assert any(k.startswith("visual.") for k in state) and any(k.startswith("llama.") for k in state)
-    assert lines == [f"ViT: the committed {P.BACKBONES / 'vit.pt'}", f"decoder: the committed {P.BACKBONES / 'lm.pt'}"]
+    assert lines == [f"ViT: the committed {P.BACKBONES / 'vit.pt'}", f"decoder: the committed {P.BACKBONES / 'lm.pt'}",
+                     f"step-wise decoder: the committed {P.BACKBONES / 'lm_stepwise.pt'}"]     # tiny's decoder
     assert not list(tmp_path.iterdir())                             # nothing pretrained into the cache
 
 

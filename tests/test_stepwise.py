@@ -18,7 +18,7 @@ from tiny_data import pretrain as P
 from tiny_data import stepwise as S
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = C.get_config("tiny")
+TINY = C.get_config("tiny-direct")             # the one-hop decoder; "tiny" is the step-wise one
 
 
 @pytest.fixture(scope="module")
