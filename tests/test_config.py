@@ -66,7 +66,7 @@ def test_the_tiny_default_reasons_first_on_shuffled_choices():
         ("QCM-EA", "stepwise", "tiny_data/scienceqa_stepwise")
     assert (direct.train.prompt_format, direct.train.tiny_decoder, direct.train.data) == \
         ("QCM-A", "direct", "tiny_data/scienceqa")
-    assert (tiny.train.epochs, tiny.lsrm.shift_epoch) == (13, 10)        # M in the last quarter, as 15 of 20
+    assert (tiny.train.epochs, tiny.lsrm) == (direct.train.epochs, direct.lsrm)     # the paper's recipe, both
     assert get_config("small").train.prompt_format == "QCM-A"            # small keeps the one-hop recipe
 
 
