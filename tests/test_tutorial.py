@@ -140,15 +140,16 @@ def backbone_checksums() -> str:
                      f"tiny_data/backbones/{f}" for f in ("vit.pt", "lm.pt", "lm_stepwise.pt"))
 
 
-def ablation(part: str) -> str:
-    """docs/results.md's ablation tables, from the committed result of `python lsrm.py ablate` (its ablation.json):
+def ablation(part: str, file: str = "ablation.json") -> str:
+    """docs/results.md's ablation tables, from a committed result of `python lsrm.py ablate` (its ablation.json):
     the ladder with each row's trainable parameters, or the δ/λ sweep."""
     from tools.ablate import tables
-    return tables(json.loads((ROOT / "docs" / "ablation.json").read_text()), part)
+    return tables(json.loads((ROOT / "docs" / file).read_text()), part)
 
 
 CHECKED = {"tiny run summary": tiny_summary, "probe table": probe_table, "backbone checksums": backbone_checksums,
-           "ablation ladder": lambda: ablation("ladder"), "ablation sweep": lambda: ablation("sweep")}
+           "ablation ladder": lambda: ablation("ladder"), "ablation sweep": lambda: ablation("sweep"),
+           "step-wise ablation ladder": lambda: ablation("ladder", "ablation_stepwise.json")}
 # a Markdown table (or two, a blank line between) after the marker: rendered as a table, checked as text
 TABLE = re.compile(r"^<!-- checked: ([^\n]*?) -->\n((?:\|[^\n]*\n|\n(?=\|))+)", re.M)
 
