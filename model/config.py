@@ -287,7 +287,7 @@ LLAMAS: dict[str, dict] = {
 
 def _tiny_direct() -> Config:
     """The tiny backbones answering at once (QCM-A, the paper's format) with the direct decoder, on the toy
-    set with choices in a fixed order (tiny_data/scienceqa): the one-hop baseline, and the fast preset tests use."""
+    set with choices in a fixed order (tiny_data/scienceqa): the one-hop baseline (`--config tiny-direct`)."""
     # 32 px images in 4 px patches -> 64 patches; 80 memory slots (64 + 16 learned prompt slots).
     vit = ViTConfig(image_size=32, patch_size=4, width=64, layers=6, heads=4, output_dim=64, adapter_dim=8)
     llama = LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
