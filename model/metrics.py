@@ -180,9 +180,10 @@ def generation_table(metrics: dict) -> str:
     return "\n".join([head] + [row(k, by_type[k]) for k in order] + [row("all", metrics["all"])])
 
 
-# Hops: a step-wise solution read step by step (a step is a sentence). A step with a number stated neither in
-# the question and hint nor in an earlier step is a *fact* looked up (in the picture, or in the picture in
-# words); a step whose numbers were all stated before is *derived* (a comparison of two numbers); the last
+# Hops: a step-wise solution read step by step (a step is a sentence). A step that states a number more often
+# than the question, hint and earlier steps together did is a *fact* looked up (in the picture, or in the
+# picture in words: "The red town is in column 4, row 4." after "... column 4, row 7." states 4 twice, a fact);
+# a step whose numbers were all stated as often before is *derived* (a comparison of two numbers); the last
 # step is the content answer ("So yes."); then the letter. Wording-free: it needs only sentences and numbers.
 # A question and its answer are one step ("Is 2 less than 7? yes."): a step ends at "." or "!", not "?".
 
@@ -198,12 +199,12 @@ def solution_steps(solution: str) -> list[str]:
 def step_kinds(steps: list[str], given: str) -> list[str]:
     """Each step's kind: "fact", "derived", "text" (no number) or "answer" (the last step); `given` is what
     the question states (its question and hint: numbers there are not looked up)."""
-    seen, kinds = set(NUMBER.findall(given)), []
+    seen, kinds = Counter(NUMBER.findall(given)), []                  # how often each number was stated
     for i, step in enumerate(steps):
-        numbers = NUMBER.findall(step)
-        kinds.append("answer" if i == len(steps) - 1 else "fact" if any(n not in seen for n in numbers)
+        numbers = Counter(NUMBER.findall(step))
+        kinds.append("answer" if i == len(steps) - 1 else "fact" if any(c > seen[n] for n, c in numbers.items())
                      else "derived" if numbers else "text")
-        seen |= set(numbers)
+        seen += numbers
     return kinds
 
 

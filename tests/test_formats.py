@@ -313,6 +313,12 @@ def test_steps_and_their_kinds():
     # a number the question or hint states is not looked up; a step with no number is text
     assert step_kinds(["The left jar holds 4.", "Jars hold marbles.", "So 4."], "It holds 4 or 5.") == \
         ["derived", "text", "answer"]
+    # a fact may repeat an earlier fact's number: stating it more often than before is what makes it a fact
+    towns = solution_steps("The red town is in column 4, row 7. The blue town is in column 4, row 4. So north.")
+    assert step_kinds(towns, "Which direction is the blue town from the red town?") == ["fact", "fact", "answer"]
+    both_ways = solution_steps("The left jar holds 4. The right jar holds 9. Is 4 less than 9? yes. "
+                               "Is 9 less than 4? no. So left.")             # each number once more: derived
+    assert step_kinds(both_ways, "")[2:] == ["derived", "derived", "answer"]
 
 
 @pytest.mark.parametrize("written, expected", [
