@@ -186,6 +186,32 @@ def test_generation_metrics_on_hand_made_records():
     assert none["with_solution"] == 0 and none["solution_match"] is None and none["acc_match"] is None
 
 
+@pytest.mark.parametrize("fmt", ["QCM-A", "QCM-EA"])
+def test_visualize_answers_in_the_runs_format(fmt, tmp_path, monkeypatch):
+    """The figures' answer is generated as evaluation generates it: QCM-A reads a few tokens after " The answer
+    is"; QCM-EA continues the prompt itself (the solution first) until "The answer is X." or its budget."""
+    from tools.visualize import draw_figures
+    cfg = apply_overrides(get_config("tiny"), [f"train.prompt_format={fmt}", "train.gen_tokens=40"])
+    tok = ByteTokenizer()
+    model = build(cfg).eval()
+    calls = []
+
+    def generate(tokens, z, budget, eos_id, stop=None):
+        calls.append((tokens[0].tolist(), budget, stop))
+        return [tok.encode(" So yes. The answer is A.")]
+    monkeypatch.setattr(model, "generate", generate)
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "x.png")
+    prompt = "Question: Is it red?\nOptions: (A) yes (B) no\nResponse:"
+    answer, *_ = draw_figures(model, tok, tmp_path / "x.png", prompt, tmp_path, torch.device("cpu"))
+    ids, budget, stop = calls[0]
+    assert answer == " So yes. The answer is A."
+    if fmt == "QCM-A":
+        assert ids == [tok.bos_id] + tok.encode(prompt + " The answer is") and budget == 8 and stop is None
+    else:
+        assert ids == [tok.bos_id] + tok.encode(prompt) and budget == 40
+        assert stop(tok.encode(" So yes. The answer is A.")) and not stop(tok.encode(" So yes."))
+
+
 def test_each_row_stops_at_its_own_stop_rule():
     """LSRM.generate(stop=...): a row ends once its tokens so far satisfy the rule, the others go on; the tokens
     before are exactly those of the unstopped run."""
