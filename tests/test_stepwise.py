@@ -174,3 +174,19 @@ def test_reading_a_memory_changes_only_the_decoder_and_is_deterministic(tok):
 def test_an_unknown_tiny_decoder_is_a_one_line_error():
     with pytest.raises(ConfigError, match=r"^train.tiny_decoder must be direct or stepwise, got 'chatty'$"):
         C.apply_overrides(C.get_config("tiny"), ["train.tiny_decoder=chatty"])
+
+
+def test_the_look_up_by_name_scores_the_digit_after_each_kind_of_name(tok):
+    three = tok.encode(" 3", bos=False)[0]
+
+    class SaysThree(torch.nn.Module):                  # predicts " 3" after every token
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens):
+            return torch.nn.functional.one_hot(torch.full(tokens.shape, three), tok.vocab_size).float()
+    scores = S.words_lookup_by_name(SaysThree(), tok, n=200)
+    assert set(scores) == {"full name", "by colour", "by shape"}
+    # the cells are 1-8: a constant " 3" is right about one time in eight, and never always or never
+    assert all(3 < v < 30 for v in scores.values()), scores
