@@ -25,8 +25,9 @@ choices shuffled; the numbers are from the runs that chose this recipe, experime
    fallen to ~41%; taught last, the look-ups bring it to ~80% (stage order matters: taught before stage 2,
    the gain is lost).
    The look-up that forms keys a named object on one of its two words, colour or shape, and which one is up
-   to the draw: the committed decoder finds "the red shape" 65% of the time and "the circle" 37%, a
-   the same command on a CPU with bf16 instructions 41% and 100% (`words_lookup_by_name`; the stages' logs print it).
+   to the draw: the committed decoder finds "the red shape" 65% of the time and "the circle" 37%;
+   the same command on a CPU with bf16 instructions wrote one that finds them 41% and 100% of the time
+   (`words_lookup_by_name`; the stages' logs print it).
 5. all together, briefly, so that stage 4 does not erase stage 2's format: letters 100%, look-up in
    words 100%, the memory's read ~88% (harness).
 6. reading a memory (`teach_read`): the decoder trained with a throwaway MemVP memory (the committed ViT's)
