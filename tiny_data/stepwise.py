@@ -102,13 +102,20 @@ def padded(rows: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torc
     return tokens, weights
 
 
-def words_lookup_document(rng: random.Random, tokenizer) -> tuple[list[int], list[float]]:
-    """A picture's facts in words, shuffled, then two of its objects' column or row asked again. -> tokens, and a
-    loss weight per token: 1 on the questions, 0.1 on the facts (random, so unpredictable)."""
+def picture_in_words(rng: random.Random) -> tuple[list[dict], str]:
+    """A picture of 2-4 objects of random kinds, and its places as sentences in a random order ("The red circle
+    is in column 2, row 5. ...")."""
     objects = world.place(rng, world.random_kinds(rng, rng.randint(2, 4)))
     facts = [f"The {world.name(o)} is in column {world.cell(o, 'x')}, row {world.cell(o, 'y')}." for o in objects]
     rng.shuffle(facts)
-    tokens = tokenizer.encode(" ".join(facts), bos=True)
+    return objects, " ".join(facts)
+
+
+def words_lookup_document(rng: random.Random, tokenizer) -> tuple[list[int], list[float]]:
+    """A picture's facts in words, shuffled, then two of its objects' column or row asked again. -> tokens, and a
+    loss weight per token: 1 on the questions, 0.1 on the facts (random, so unpredictable)."""
+    objects, facts = picture_in_words(rng)
+    tokens = tokenizer.encode(facts, bos=True)
     weights = [0.1] * len(tokens)
     for o in rng.sample(objects, 2):
         axis = rng.choice(list(AXES))
@@ -135,17 +142,15 @@ def words_lookup_by_name(llama: nn.Module, tokenizer, n: int = 300, seed: int = 
     ("The red circle is in row"), "by colour" ("The red shape ...") and "by shape" ("The circle ...")."""
     rng, rows, kinds = random.Random(seed), [], []
     for _ in range(n):
-        objects = world.place(rng, world.random_kinds(rng, rng.randint(2, 4)))
-        facts = [f"The {world.name(o)} is in column {world.cell(o, 'x')}, row {world.cell(o, 'y')}." for o in objects]
-        rng.shuffle(facts)
+        objects, facts = picture_in_words(rng)
         o, axis = rng.choice(objects), rng.choice(list(AXES))
-        names = {"full name": f"The {world.name(o)}"}
+        names = {"full name": f"The {world.name(o)}"}          # every name make_tiny_data.ref may use
         if sum(p["colour"] == o["colour"] for p in objects) == 1:
             names["by colour"] = f"The {o['colour']} shape"
         if sum(p["shape"] == o["shape"] for p in objects) == 1:
             names["by shape"] = f"The {o['shape']}"
         for kind, named in names.items():
-            rows.append((tokenizer.encode(f"{' '.join(facts)} {named} is in {AXES[axis][0]} {world.cell(o, axis)}",
+            rows.append((tokenizer.encode(f"{facts} {named} is in {AXES[axis][0]} {world.cell(o, axis)}",
                                           bos=True), []))
             kinds.append(kind)
     right = []
