@@ -250,6 +250,8 @@ def clear_direction(a: dict, b: dict) -> str | None:
 # circle: is 2 more than 7? no."): the restatement is a copy, the direction then a word away (100% in 100
 # steps). An owner question names the owners in its comparison ("is Ivy's 6 more than Sam's 5? yes. So
 # Ivy."): without them the owner after the yes/no stayed at chance in 700 steps; with them, 100% in 400.
+# The least or most of several named numbers is found the same way, one comparison at a time (`chain`).
+# Words are not quoted in solutions: the word tokenizer spells '"wagon"' in bytes, " wagon" as one word.
 CELL = IMAGE_SIZE // 8
 
 
@@ -261,10 +263,6 @@ def where(o: dict, axis: str) -> str:
     return f"in column {cell(o, 'x')}" if axis == "x" else f"in row {cell(o, 'y')}"
 
 
-def compare(a: int, b: int) -> str:
-    return f"{a} is {'less' if a < b else 'more'} than {b}."
-
-
 def ask(a: int, op: str, b: int, owners: tuple[str, str] | None = None, restate: str = "") -> str:
     """A comparison asked and answered: ask(2, "more", 5) -> "Is 2 more than 5? no."; with owners ("Ivy",
     "Sam"): "Is Ivy's 2 more than Sam's 5? no." (the owner to answer is then next to the yes/no: a copy);
@@ -274,6 +272,21 @@ def ask(a: int, op: str, b: int, owners: tuple[str, str] | None = None, restate:
     x, y = (f"{owners[0]}'s {a}", f"{owners[1]}'s {b}") if owners else (a, b)
     asked = f"{x} {op} than {y}? {'yes' if holds else 'no'}."
     return f"{restate.removesuffix('?')}: is {asked}" if restate else f"Is {asked}"
+
+
+def chain(entries: list[tuple[str, int]], op: str, restate: str) -> tuple[str, str]:
+    """Which of several named numbers is the least (op="less") or the most ("more"): each compared with the
+    next, the best so far first, both named ([("Ivy", 6), ("Sam", 5), ("Eva", 9)], "more", "Who has more?") ->
+    ("Who has more: is Ivy's 6 more than Sam's 5? yes. Is Ivy's 6 more than Eva's 9? no.", "Eva"). Each
+    comparison's first name is the one before it if that said yes, else its second: a copy from one step back,
+    never a look-up by value (which of the names had 9?), which the tiny decoder did not learn (with the
+    solution "9 is the most. So Eva.", the name was right 20-40% of the time where every step before it was)."""
+    best, steps = entries[0], []
+    for i, nxt in enumerate(entries[1:]):
+        steps.append(ask(best[1], op, nxt[1], (best[0], nxt[0]), restate if i == 0 else ""))
+        if not (best[1] < nxt[1] if op == "less" else best[1] > nxt[1]):
+            best = nxt
+    return " ".join(steps), best[0]
 
 
 RELATION_OPS = {side: "less" if sign < 0 else "more" for side, (axis, sign) in SIDES.items()}   # -1: left, up
@@ -425,9 +438,11 @@ def q_map_farthest(rng):
         hint = "Towns: " + ", ".join(f"{n} is {o['colour']}" for n, o in zip(names, towns)) + "."
         answer = names[towns.index(first)]
         facts = " ".join(f"The {o['colour']} town is {where(o, axis)}." for o in towns)
-        most = "the least" if best is min else "the most"
-        return Q(f"Which town is farthest {direction}?", names, answer, hint=hint, scene=towns, kind="map", keep_order=True,
-                 solution=f"{facts} {cell(first, axis)} is {most}. The {first['colour']} town is {answer}. So {answer}.")
+        question = f"Which town is farthest {direction}?"
+        steps, town = chain([(f"the {o['colour']} town", cell(o, axis)) for o in towns], "less" if best is min else "more",
+                            question)
+        return Q(question, names, answer, hint=hint, scene=towns, kind="map", keep_order=True,
+                 solution=f"{facts} {steps} {town.capitalize()} is {answer}. So {answer}.")
     return until(make)
 
 
@@ -444,14 +459,6 @@ def q_map_direction(rng):
                  solution=f"The {a['colour']} town is in column {cell(a, 'x')}, row {cell(a, 'y')}. The {b['colour']} "
                           f"town is in column {cell(b, 'x')}, row {cell(b, 'y')}. So {want}.")
     return until(make)
-
-
-def ranked(numbers: list[int], most: bool) -> str:
-    """The step that picks the largest (most) or smallest of the numbers a hint gives: a comparison of two, or
-    "90 is the most." of three."""
-    if len(numbers) == 2:
-        return compare(*numbers)
-    return f"{max(numbers) if most else min(numbers)} is the {'most' if most else 'least'}."
 
 
 def q_magnets(rng):
@@ -475,9 +482,11 @@ def q_thermal(rng):
     answer = labels[temps.index(max(temps) if more else min(temps))]
     hint = (f"Same mass. " + " ".join(f"{l.capitalize()} is at {t} C." for l, t in zip(labels, temps)))
     amount = ("more" if more else "less") if k == 2 else ("the most" if more else "the least")
-    return Q(f"Which {thing.split()[0]} has {amount} thermal energy?", labels, answer, hint=hint, keep_order=True,
-             solution=f"{ranked(temps, more)} With the same mass, the {'hotter' if more else 'colder'} object has "
-                      f"{'more' if more else 'less'} thermal energy. So {answer}.")
+    question = f"Which {thing.split()[0]} has {amount} thermal energy?"
+    steps, _ = chain(list(zip(labels, temps)), "more" if more else "less", question)
+    return Q(question, labels, answer, hint=hint, keep_order=True,
+             solution=f"With the same mass, the {'hotter' if more else 'colder'} object has {'more' if more else 'less'} "
+                      f"thermal energy. {steps} So {answer}.")
 
 
 def q_population(rng):
@@ -487,8 +496,9 @@ def q_population(rng):
     answer = towns[people.index(max(people) if most else min(people))]
     hint = " ".join(f"{t} has {p} people." for t, p in zip(towns, people))
     amount = ("more" if most else "fewer") if k == 2 else ("the most" if most else "the fewest")
-    return Q(f"Which town has {amount} people?", towns, answer, hint=hint, keep_order=True,
-             solution=f"{ranked(people, most)} So {answer}.")
+    question = f"Which town has {amount} people?"
+    steps, _ = chain(list(zip(towns, people)), "more" if most else "less", question)
+    return Q(question, towns, answer, hint=hint, keep_order=True, solution=f"{steps} So {answer}.")
 
 
 TOYS, HOLDINGS = ["ball", "kite", "doll", "drum", "puzzle", "yo-yo", "train"], ["marbles", "stickers", "shells", "apples"]
@@ -501,14 +511,16 @@ def q_trade(rng):
         x, y = rng.sample(TOYS, 2)
         hint = f"At the toy shop, a {x} costs {a} coins and a {y} costs {b} coins."
         answer = f"the {x}" if (a > b) == more else f"the {y}"
-        return Q(f"Which toy costs {'more' if more else 'less'}?", [f"the {x}", f"the {y}"], answer, hint=hint, keep_order=True,
-                 solution=f"{ranked([a, b], more)} So {answer}.")
+        question = f"Which toy costs {'more' if more else 'less'}?"
+        steps, _ = chain([(f"the {x}", a), (f"the {y}", b)], "more" if more else "less", question)
+        return Q(question, [f"the {x}", f"the {y}"], answer, hint=hint, keep_order=True, solution=f"{steps} So {answer}.")
     x, y = rng.sample(NAMES, 2)
     thing = rng.choice(HOLDINGS)
     hint = f"{x} has {a} {thing} and {y} has {b}."
     answer = x if (a > b) == more else y
-    return Q(f"Who has {'more' if more else 'fewer'} {thing}?", [x, y], answer, hint=hint, keep_order=True,
-             solution=f"{ranked([a, b], more)} So {answer}.")
+    question = f"Who has {'more' if more else 'fewer'} {thing}?"
+    steps, _ = chain([(x, a), (y, b)], "more" if more else "less", question)
+    return Q(question, [x, y], answer, hint=hint, keep_order=True, solution=f"{steps} So {answer}.")
 
 
 def q_sentence_word(rng):
@@ -519,7 +531,7 @@ def q_sentence_word(rng):
     choices = [colour, animal, verb] + ([place_] if rng.random() < 0.5 else [])
     return Q(f"Which word in the sentence {role}?", choices, answer,
              hint=f'Read the sentence: "The {colour} {animal} {verb} to the {place_}."',
-             solution=f'In the sentence, "{answer}" {role}. So {answer}.')
+             solution=f"In the sentence, {answer} {role}. So {answer}.")
 
 
 SHAPE_FACTS = {"triangle": ["three sides", "three corners"], "square": ["four sides", "four corners", "four equal sides"],
@@ -554,12 +566,16 @@ def q_compass(rng):
     want = rng.deal("compass", DIRECTIONS)
     if rng.random() < 0.5:
         question = f"Which direction is opposite to {OPPOSITE[want]}?"
+        solution = (f"The opposite of north is south, of south north, of east west and of west east. "
+                    f"The opposite of {OPPOSITE[want]} is {want}. So {want}.")
     else:
         where = {"north": "up", "south": "down", "east": "to the right", "west": "to the left"}[want]
         question = f"On a map with north at the top, which direction points {where}?"
-    return Q(question, pick(rng, want, DIRECTIONS, rng.randint(2, 4)), want,
-             solution=f"North is at the top of a map, south at the bottom, east on the right and west on the left. "
-                      f"So {want}.")
+        solution = (f"On a map, up is north, down is south, to the right is east and to the left is west. "
+                    f"{where.capitalize()} is {want}. So {want}.")
+    # the rule, then the asked part of it again: the direction is then a copy of the word after it (an
+    # induction hop), not recalled in one hop after a sentence about all four (43.75% with the rule alone)
+    return Q(question, pick(rng, want, DIRECTIONS, rng.randint(2, 4)), want, solution=solution)
 
 
 def q_guide_words(rng):
@@ -569,7 +585,7 @@ def q_guide_words(rng):
     answer = rng.choice(DICTIONARY[i + 1:j])
     other = rng.choice(DICTIONARY[:i] + DICTIONARY[j + 1:])
     return Q(f"Which word would you find on a dictionary page with the guide words {w1} - {w2}?", [answer, other], answer,
-             solution=f'"{answer}" comes between "{w1}" and "{w2}" in alphabetical order; "{other}" does not. So {answer}.')
+             solution=f"{answer} comes between {w1} and {w2} in alphabetical order; {other} does not. So {answer}.")
 
 
 def q_alphabet(rng):
@@ -577,7 +593,7 @@ def q_alphabet(rng):
     first = rng.deal("alphabet", [True, False])
     answer = min(words) if first else max(words)
     return Q(f"Which word comes {'first' if first else 'last'} in alphabetical order?", words, answer,
-             solution=f'Compare the words letter by letter: "{answer}" comes {"first" if first else "last"}. So {answer}.',
+             solution=f"Compare the words letter by letter: {answer} comes {'first' if first else 'last'}. So {answer}.",
              shuffle=True)
 
 
@@ -585,14 +601,14 @@ def q_rhyme(rng):
     g, h = rng.sample(range(len(RHYMES)), 2)
     pair, odd = rng.sample(RHYMES[g], 2), rng.choice(RHYMES[h])
     return Q("Which word does not rhyme?", pair + [odd], odd,
-             solution=f'"{pair[0]}" and "{pair[1]}" rhyme; "{odd}" does not. So {odd}.')
+             solution=f"{pair[0]} and {pair[1]} rhyme; {odd} does not. So {odd}.")
 
 
 def q_word_kind(rng):
     kind, *others = rng.sample(list(WORD_KINDS), rng.randint(3, 4))
     answer = rng.choice(WORD_KINDS[kind])
     return Q(f"Which word names {kind}?", [answer] + [rng.choice(WORD_KINDS[o]) for o in others], answer,
-             solution=f'"{answer}" names {kind}. So {answer}.')
+             solution=f"{answer} names {kind}. So {answer}.")
 
 
 # ---------------------------------------------------------------------------------------------
