@@ -194,10 +194,12 @@ def cmd_pretrain(args) -> None:
     from tiny_data.pretrain import BACKBONES, FILES, write_backbones
     cfg = load_config(args.config, args.set)
     tiny_only(cfg, "only the tiny ViT and decoder are pretrained here")
+    if args.read_from and args.only != ["lm_stepwise.pt"]:
+        raise UserError("--read-from teaches stage 7 of the step-wise decoder alone: give --only lm_stepwise.pt")
     torch.set_num_threads(args.threads)          # results depend on the thread count: fix it
     t0 = time.time()
     sums = write_backbones(cfg, make_tokenizer(cfg), Path(args.out) if args.out else BACKBONES, smoke=args.smoke,
-                           only=tuple(args.only or FILES))
+                           only=tuple(args.only or FILES), read_from=args.read_from)
     for path, digest in sums.items():
         print(f"sha256 {digest}  {path}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {fmt_time(time.time() - t0)}")
@@ -292,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (the files depend on it: 2 wrote the committed ones)")
     p.add_argument("--smoke", action="store_true", help="a few steps only: files that load (CI)")
+    p.add_argument("--read-from", type=Path, metavar="FILE",
+                   help="with --only lm_stepwise.pt: take stages 1-6 from FILE (a step-wise decoder written before "
+                        "stage 7) and teach stage 7 alone")
 
     p = command("params", cmd_params, "count trainable and total parameters (built on the meta device)", config="tiny")
     p.add_argument("--json", action="store_true")

@@ -66,7 +66,7 @@ def test_smoke_files_load_with_their_recipe(smoke, tok):
     stepwise = P.read_backbone(out / "lm_stepwise.pt", P.stepwise_fits(
         TINY, tok, {**P.LM_RECIPE, **P.SMOKE["lm"]},
         S.smoke_recipe(),
-        {**S.READ_RECIPE, **S.READ_SMOKE}, {**P.VIT_RECIPE, **P.SMOKE["vit"]}))
+        {**S.READ_RECIPE, **S.READ_SMOKE}, {**P.VIT_RECIPE, **P.SMOKE["vit"]}, {**S.TEXT_RECIPE, **S.TEXT_SMOKE}))
     assert stepwise.keys() == lm.keys() and any(not torch.equal(stepwise[k], lm[k]) for k in lm)
     model = __import__("model.vlm", fromlist=["build"]).build(TINY)
     missing, unexpected = model.load_state_dict({**vit, **lm}, strict=False)
@@ -89,6 +89,35 @@ def test_only_the_step_wise_decoder_is_taught_from_the_files_there(smoke, tmp_pa
     assert r.stderr.strip().splitlines()[-1].endswith(
         f"{empty / 'lm.pt'}: missing or written for another recipe; the step-wise decoder is taught from it: "
         f"write it first (`python lsrm.py pretrain --smoke --only lm.pt`)")
+
+
+def test_stage_7_alone_is_taught_to_a_decoder_written_before_it(smoke, tok, tmp_path):
+    """--read-from FILE: stage 7 alone, on FILE's decoder (stages 1-6, its fits without "text"), the same
+    tensors as text_llm on it in this process; a file that is not such a decoder is a one-line error naming it,
+    and nothing is written."""
+    from model.errors import WeightsError
+    from tiny_data import stepwise as S
+    a = smoke[0][0]
+    blob = torch.load(a / "lm_stepwise.pt", map_location="cpu", weights_only=True)
+    six = tmp_path / "six.pt"
+    torch.save({**blob, "fits": {k: v for k, v in blob["fits"].items() if k != "text"}}, six)
+    out = tmp_path / "out"
+    r = run("pretrain", "--smoke", "--threads", 1, "--out", out, "--only", "lm_stepwise.pt", "--read-from", six)
+    assert r.returncode == 0, r.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                        # as the command's --threads 1
+    try:
+        want = P.text_llm(TINY.llama, tok, blob["state"], lambda *_: None, {**S.TEXT_RECIPE, **S.TEXT_SMOKE})
+    finally:
+        torch.set_num_threads(threads)
+    got = torch.load(out / "lm_stepwise.pt", map_location="cpu", weights_only=True)
+    assert got["fits"] == blob["fits"] and all(torch.equal(got["state"][k].float(), want[k]) for k in want)
+    assert any(not torch.equal(want[k], blob["state"][k].float()) for k in want)
+    with pytest.raises(WeightsError, match=rf"^{a / 'lm_stepwise.pt'}: not a step-wise decoder of these recipes "
+                                           r"before stage 7 \(written for another config, recipe or word list\)$"):
+        P.write_backbones(TINY, tok, tmp_path / "none", smoke=True, log=lambda *_: None, only=("lm_stepwise.pt",),
+                          read_from=a / "lm_stepwise.pt")        # it has stage 7's fits: not a stage-6 decoder
+    assert not (tmp_path / "none").exists()
 
 
 def test_committed_backbones_fit_the_tiny_config_and_need_no_pretraining(tok, monkeypatch, tmp_path):

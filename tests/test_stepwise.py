@@ -101,7 +101,7 @@ def test_teaching_changes_the_decoder_and_is_deterministic(tok):
 
 
 def test_tiny_decoder_picks_the_decoder(tok, tmp_path, monkeypatch):
-    """Without a committed lm_stepwise.pt: stages 1-5 and stage 6 are each pretrained once into the cache."""
+    """Without a committed lm_stepwise.pt: stages 1-5, stage 6 and stage 7 are each pretrained once into the cache."""
     committed = tmp_path / "backbones"                    # the committed direct decoder and ViT only
     committed.mkdir()
     for name in ("lm.pt", "vit.pt"):
@@ -109,13 +109,15 @@ def test_tiny_decoder_picks_the_decoder(tok, tmp_path, monkeypatch):
     cfg = C.apply_overrides(C.get_config("tiny"), ["train.tiny_decoder=stepwise"])
     monkeypatch.setattr(P, "stepwise_llm", lambda cfg, tok, direct, log: {k: v + 1 for k, v in direct.items()})
     monkeypatch.setattr(P, "read_llm", lambda cfg, tok, vit, stages, log: {k: v * 2 for k, v in stages.items()})
+    monkeypatch.setattr(P, "text_llm", lambda cfg, tok, read, log: {k: v - 3 for k, v in read.items()})
     lines = []
     taught = P.pretrained_llm(cfg, tok, cache_dir=tmp_path / "cache", log=lines.append, committed=committed)
     direct = P.pretrained_llm(TINY, tok, cache_dir=tmp_path / "cache", log=lambda *_: None, committed=committed)
-    assert all(torch.equal(taught[k], (direct[k] + 1) * 2) for k in direct)
+    assert all(torch.equal(taught[k], (direct[k] + 1) * 2 - 3) for k in direct)
     assert lines[0] == f"decoder: the committed {committed / 'lm.pt'}"
-    assert lines[1].startswith("pretraining lm_read (once; cached in ")
-    assert lines[2].startswith("pretraining lm_stepwise (once; cached in ")
+    assert lines[1].startswith("pretraining lm_text (once; cached in ")
+    assert lines[2].startswith("pretraining lm_read (once; cached in ")
+    assert lines[3].startswith("pretraining lm_stepwise (once; cached in ")
     again = []
     P.pretrained_llm(cfg, tok, cache_dir=tmp_path / "cache", log=again.append, committed=committed)
     assert not any("pretraining" in line for line in again)                # the second time: from the cache
@@ -128,6 +130,7 @@ def test_the_committed_step_wise_decoder_fits_and_needs_no_pretraining(tok, tmp_
         raise AssertionError("pretrained although the committed step-wise decoder fits")
     monkeypatch.setattr(P, "stepwise_llm", no)
     monkeypatch.setattr(P, "read_llm", no)
+    monkeypatch.setattr(P, "text_llm", no)
     lines = []
     state = P.pretrained_llm(cfg, tok, cache_dir=tmp_path, log=lines.append)
     assert lines[-1] == f"step-wise decoder: the committed {P.BACKBONES / 'lm_stepwise.pt'}"
@@ -169,6 +172,18 @@ def test_reading_a_memory_changes_only_the_decoder_and_is_deterministic(tok):
     assert states[0].keys() == start.keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in start)
     assert any(not torch.equal(states[0][k], v) for k, v in start.items())
+
+
+def test_stage_7_changes_the_decoder_is_deterministic_and_dwells_on_the_question_and_hint_types(tok):
+    torch.manual_seed(0)
+    start = {f"llama.{k}": v.clone() for k, v in Transformer(TINY.llama).state_dict().items()}
+    recipe = {**S.TEXT_RECIPE, **S.TEXT_SMOKE}
+    states = [P.text_llm(TINY.llama, tok, start, log=lambda *_: None, recipe=recipe) for _ in range(2)]
+    assert states[0].keys() == start.keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in start)
+    assert any(not torch.equal(states[0][k], v) for k, v in start.items())
+    picture = {t.make for t in S.world.QTYPES if t.make in S.world.PICTURE_TYPES}
+    assert set(S.FOCUS) == {t.make for t in S.world.QTYPES} - picture | {S.world.q_map_farthest}
 
 
 def test_an_unknown_tiny_decoder_is_a_one_line_error():

@@ -214,12 +214,23 @@ def pretrained_vit(cfg: Config, cache_dir: Path = CACHE, log: Callable = print,
 
 
 def stepwise_fits(cfg: Config, tok, lm: dict | None = None, stepwise: dict | None = None,
-                  read: dict | None = None, vit: dict | None = None) -> dict:
-    """Everything the step-wise decoder depends on: the direct decoder's, its own two recipes, and the ViT
-    whose pictures its last stage reads (`lm`, `stepwise`, `read`, `vit`: recipes, default the real ones)."""
-    from .stepwise import READ_RECIPE, STEPWISE_RECIPE
-    return {**llm_fits(cfg, tok, lm), "stepwise": stepwise or STEPWISE_RECIPE, "read": read or READ_RECIPE,
+                  read: dict | None = None, vit: dict | None = None, text: dict | None = None) -> dict:
+    """Everything the step-wise decoder depends on: the direct decoder's, its own three recipes, and the ViT
+    whose pictures stage 6 reads (`lm`, `stepwise`, `read`, `vit`, `text`: recipes, default the real ones)."""
+    return {**read_fits(cfg, tok, lm, stepwise, read, vit), "text": text or _stepwise().TEXT_RECIPE}
+
+
+def read_fits(cfg: Config, tok, lm: dict | None = None, stepwise: dict | None = None,
+              read: dict | None = None, vit: dict | None = None) -> dict:
+    """What the step-wise decoder after stage 6 (before stage 7) depends on; stepwise_fits without "text"."""
+    sw = _stepwise()
+    return {**llm_fits(cfg, tok, lm), "stepwise": stepwise or sw.STEPWISE_RECIPE, "read": read or sw.READ_RECIPE,
             "read_vit": vit_fits(cfg, vit)}
+
+
+def _stepwise():
+    from . import stepwise                     # imported late: it imports this module's corpus
+    return stepwise
 
 
 def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
@@ -235,12 +246,17 @@ def pretrained_llm(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = pr
     fits = stepwise_fits(cfg, tok)
     key = _key(fits["llama"], LM_RECIPE, fits["stepwise"], fits["vocab"])
 
-    def taught():                               # stages 1-5 (cached on their own), then stage 6
+    read_key = _key(key, fits["read"], fits["read_vit"])
+
+    def read():                                 # stages 1-5 (cached on their own), then stage 6
         stages = _cached(Path(cache_dir) / f"lm_stepwise-{key}.pt", lambda: stepwise_llm(cfg.llama, tok, direct, log),
                          log)
         return read_llm(cfg, tok, pretrained_vit(cfg, cache_dir, log, committed), stages, log)
+
+    def taught():                               # stages 1-6 (cached on their own), then stage 7
+        return text_llm(cfg.llama, tok, _cached(Path(cache_dir) / f"lm_read-{read_key}.pt", read, log), log)
     return _find("step-wise decoder", "lm_stepwise.pt", fits, committed,
-                 Path(cache_dir) / f"lm_read-{_key(key, fits['read'], fits['read_vit'])}.pt", taught, log)
+                 Path(cache_dir) / f"lm_text-{_key(read_key, fits['text'])}.pt", taught, log)
 
 
 def stepwise_llm(cfg: LlamaConfig, tok, direct: dict[str, torch.Tensor], log: Callable = print,
@@ -266,6 +282,16 @@ def read_llm(cfg: Config, tok, vit: dict[str, torch.Tensor], stepwise: dict[str,
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("llama.")}
 
 
+def text_llm(cfg: LlamaConfig, tok, read: dict[str, torch.Tensor], log: Callable = print,
+             recipe: dict | None = None) -> dict[str, torch.Tensor]:
+    """'llama.*' tensors of the step-wise decoder after stage 7 (stepwise.teach_text): `read` (stages 1-6) taught
+    the hops read from the question and hint."""
+    llama = Transformer(cfg)
+    llama.load_state_dict({k.removeprefix("llama."): v.float() for k, v in read.items()})
+    _stepwise().teach_text(llama, tok, recipe, log)
+    return {f"llama.{k}": v.detach().clone() for k, v in llama.state_dict().items()}
+
+
 def pretrained_backbones(cfg: Config, tok, cache_dir: Path = CACHE, log: Callable = print,
                          committed: Path | None = BACKBONES) -> dict[str, torch.Tensor]:
     """{'visual.*', 'llama.*'} tensors of the tiny backbones: committed, or pretrained once and cached."""
@@ -277,22 +303,27 @@ FILES = ("vit.pt", "lm.pt", "lm_stepwise.pt")
 
 
 def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False, log: Callable = print,
-                    only: tuple[str, ...] = FILES) -> dict[str, str]:
+                    only: tuple[str, ...] = FILES, read_from: Path | None = None) -> dict[str, str]:
     """Pretrain the tiny backbones and write out/{vit,lm,lm_stepwise}.pt (or those in `only`); {file: sha256}.
 
-    lm_stepwise.pt is the step-wise decoder: out/lm.pt taught by stepwise.py's six stages (the last reads
-    out/vit.pt's pictures); with `only` it reads those two files if it does not write them itself.
+    lm_stepwise.pt is the step-wise decoder: out/lm.pt taught by stepwise.py's seven stages (the sixth reads
+    out/vit.pt's pictures); with `only` it reads those two files if it does not write them itself. With
+    `read_from`, a step-wise decoder file written for the same recipes before stage 7 existed: stage 7 alone,
+    taught to that file's decoder (how the committed file was written: tiny_data/README.md).
     Deterministic for a given torch build and thread count (`lsrm.py pretrain` fixes the threads): each
     file is serialised in memory first (torch.save to a path embeds the path's name) and written atomically.
     `smoke` shrinks every recipe to a few steps: files that load, not weights that know anything."""
-    from .stepwise import READ_RECIPE, READ_SMOKE, STEPWISE_RECIPE, smoke_recipe
+    from .stepwise import READ_RECIPE, READ_SMOKE, STEPWISE_RECIPE, TEXT_RECIPE, TEXT_SMOKE, smoke_recipe
     unknown = [f for f in only if f not in FILES]
     if unknown:
         raise ValueError(f"unknown backbone file {unknown[0]!r} (known: {', '.join(FILES)})")
+    if read_from is not None and only != ("lm_stepwise.pt",):
+        raise ValueError("read_from (stage 7 alone) writes lm_stepwise.pt only: give only=('lm_stepwise.pt',)")
     vit_r = {**VIT_RECIPE, **SMOKE["vit"]} if smoke else VIT_RECIPE
     lm_r = {**LM_RECIPE, **SMOKE["lm"]} if smoke else LM_RECIPE
     sw_r = smoke_recipe() if smoke else STEPWISE_RECIPE
     read_r = {**READ_RECIPE, **READ_SMOKE} if smoke else READ_RECIPE
+    text_r = {**TEXT_RECIPE, **TEXT_SMOKE} if smoke else TEXT_RECIPE
     states: dict[str, dict] = {}
 
     def written(name: str, fits: dict) -> dict[str, torch.Tensor]:      # made in this call, or read from out/
@@ -306,15 +337,22 @@ def write_backbones(cfg: Config, tok, out: Path = BACKBONES, smoke: bool = False
         return state
 
     def stepwise() -> dict[str, torch.Tensor]:
-        direct = written("lm.pt", llm_fits(cfg, tok, lm_r))
-        vit = written("vit.pt", vit_fits(cfg, vit_r))
-        return read_llm(cfg, tok, vit, stepwise_llm(cfg.llama, tok, direct, log, sw_r), log, read_r)
+        if read_from is not None:                                  # stages 1-6 done, in that file
+            state = read_backbone(Path(read_from), read_fits(cfg, tok, lm_r, sw_r, read_r, vit_r), lambda *_: None)
+            if state is None:
+                raise WeightsError(f"{read_from}: not a step-wise decoder of these recipes before stage 7 "
+                                   f"(written for another config, recipe or word list)")
+        else:
+            direct = written("lm.pt", llm_fits(cfg, tok, lm_r))
+            vit = written("vit.pt", vit_fits(cfg, vit_r))
+            state = read_llm(cfg, tok, vit, stepwise_llm(cfg.llama, tok, direct, log, sw_r), log, read_r)
+        return text_llm(cfg.llama, tok, state, log, text_r)
 
     made = {"vit.pt": (vit_fits(cfg, vit_r), lambda: {f"visual.{k}": v for k, v in
                                                       pretrain_vit(cfg.vit, cfg.train.preprocess, log, vit_r).items()}),
             "lm.pt": (llm_fits(cfg, tok, lm_r), lambda: {f"llama.{k}": v for k, v in
                                                          pretrain_llm(cfg.llama, tok, log, lm_r).items()}),
-            "lm_stepwise.pt": (stepwise_fits(cfg, tok, lm_r, sw_r, read_r, vit_r), stepwise)}
+            "lm_stepwise.pt": (stepwise_fits(cfg, tok, lm_r, sw_r, read_r, vit_r, text_r), stepwise)}
     sums = {}
     for name in (f for f in FILES if f in only):
         fits, make = made[name]
