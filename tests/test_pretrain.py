@@ -4,6 +4,7 @@ file that is damaged or written for another config is never used silently."""
 import hashlib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,10 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`lsrm.py pretrain --smoke` twice into two directories."""
+    """`lsrm.py pretrain --smoke` twice into two directories, at the same time (one thread each)."""
     outs = [tmp_path_factory.mktemp(f"backbones{i}") for i in range(2)]
-    results = [run("pretrain", "--smoke", "--threads", 1, "--out", out) for out in outs]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda out: run("pretrain", "--smoke", "--threads", 1, "--out", out), outs))
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     return outs, results

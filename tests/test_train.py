@@ -237,7 +237,8 @@ def test_two_nodes_without_a_shared_filesystem(tmp_path):
     (tmp_path / "node0").mkdir(), (tmp_path / "node1").mkdir()
     (tmp_path / "node.py").write_text(NODE.format(root=str(ROOT), lsrm=str(ROOT / "lsrm.py")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [tmp_path, "train", "--out", "run", *DDP_ARGS[:-1], "--set", "train.eval_split=minitest"]
+    args = [tmp_path, "train", "--out", "run", *DDP_ARGS[:-1], "--set", "train.eval_split=minitest",
+            "--set", "train.gen_tokens=16"]
     r = torchrun([*args, "--no-eval", "--stop-after", 1], tmp_path, env, script=str(tmp_path / "node.py"))
     assert r.returncode == 0, r.stderr[:1500] + "\n...\n" + r.stderr[-2500:]
     assert (tmp_path / "node0" / "run" / "checkpoint.pt").is_file() and not (tmp_path / "node1" / "run").exists()

@@ -83,9 +83,12 @@ SMOKE = dict(letters=dict(steps=2, batch=4), steps=dict(steps=2), relations=dict
 STAGES = ("letters", "steps", "relations", "lookups", "mix")
 
 
+HELD_OUT = 300      # documents of each kind measured after a stage (a recipe's "held_out" if it has one: smoke)
+
+
 def smoke_recipe() -> dict:
     """STEPWISE_RECIPE with each stage shrunk by SMOKE (CI: files that load, not a decoder that knows anything)."""
-    return {**STEPWISE_RECIPE, **{k: {**STEPWISE_RECIPE[k], **v} for k, v in SMOKE.items()}}
+    return {**STEPWISE_RECIPE, **{k: {**STEPWISE_RECIPE[k], **v} for k, v in SMOKE.items()}, "held_out": 20}
 
 
 # Stage 6 (`teach_read`): the decoder trained on in-picture questions read through a throwaway memory
@@ -95,14 +98,14 @@ READ_RECIPE = dict(
     pictures=12, own=12, docs=12, lookups=12, copies=8,     # rows per step: picture questions + stage 5's mix
     fact_weight=5.0,           # loss weight on each number the solution states that the question does not
 )
-READ_SMOKE = dict(steps=2, pictures=2)
+READ_SMOKE = dict(steps=2, pictures=2, held_out=20)
 # the relations whose comparison's direction comes from the question's relation word (make_tiny_data.ask)
 RELATIONAL = (world.q_relation, world.q_owner)
 
 # Stage 7 (`teach_text`): the hops read from the question and hint, stage 5's mix alongside
 TEXT_RECIPE = dict(seed=77, steps=2000, lr=5e-4, warmup=50,     # the decoder's lr: warmup, then half a cosine
                    own=12, focus=12, docs=12, lookups=12, copies=8)     # rows per step
-TEXT_SMOKE = dict(steps=2, own=2, focus=2, docs=2, lookups=2, copies=2)
+TEXT_SMOKE = dict(steps=2, own=2, focus=2, docs=2, lookups=2, copies=2, held_out=20)
 # the types stage 7 dwells on (each as often): every text type, and the map's farthest town (a chain, as theirs)
 FOCUS = tuple(t.make for t in world.QTYPES if t.make not in world.PICTURE_TYPES) + (world.q_map_farthest,)
 
@@ -186,9 +189,12 @@ def words_lookup_by_name(llama: nn.Module, tokenizer, n: int = 300, seed: int = 
             for k in ("full name", "by colour", "by shape")}
 
 
-def by_name(llama: nn.Module, tokenizer) -> str:
-    """words_lookup_by_name as one log phrase."""
-    return ", ".join(f"{k} {v:.1f}%" for k, v in words_lookup_by_name(llama, tokenizer).items())
+def held_out(llama: nn.Module, tok, n: int = HELD_OUT) -> str:
+    """What a stage's log ends with: the letter after the gold solution and the look-up in words (by name), on
+    n held-out documents of each."""
+    names = ", ".join(f"{k} {v:.1f}%" for k, v in words_lookup_by_name(llama, tok, n).items())
+    return (f"step-wise decoder: letter after the gold solution {letter_accuracy(llama, tok, n):.1f}%, "
+            f"look-up in words {words_lookup_accuracy(llama, tok, n):.1f}% ({names}) (held out)")
 
 
 def own_corpus(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,7 +362,8 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
         llama.requires_grad_(True)
         if stage == "letters":
             run("letters", r["letters"], letters_batch, lambda *_: 1.0)
-            log(f"step-wise decoder: letter hops {letter_accuracy(llama, tok, hops=True):.1f}% (held out)")
+            log(f"step-wise decoder: letter hops "
+                f"{letter_accuracy(llama, tok, r.get('held_out', HELD_OUT), hops=True):.1f}% (held out)")
         elif stage == "steps":
             run("steps", r["steps"], mixed_batch, cosine)
         elif stage == "relations":
@@ -369,8 +376,7 @@ def teach_stepwise(llama: nn.Module, tok, recipe: dict | None = None, log: Calla
             run("all together", r["mix"], mixed_batch, cosine)
     llama.requires_grad_(False)
     llama.eval()
-    log(f"step-wise decoder: letter after the gold solution {letter_accuracy(llama, tok):.1f}%, "
-        f"look-up in words {words_lookup_accuracy(llama, tok):.1f}% ({by_name(llama, tok)}) (held out)")
+    log(held_out(llama, tok, r.get("held_out", HELD_OUT)))
 
 
 def picture_document(rng: world.Rng, tok, image_size: int, fact_weight: float,
@@ -439,8 +445,7 @@ def teach_read(model: nn.Module, tok, recipe: dict | None = None, log: Callable 
                 f"({time.time() - t0:.0f}s)")
     llama.requires_grad_(False)
     model.eval()
-    log(f"step-wise decoder: letter after the gold solution {letter_accuracy(llama, tok):.1f}%, "
-        f"look-up in words {words_lookup_accuracy(llama, tok):.1f}% ({by_name(llama, tok)}) (held out)")
+    log(held_out(llama, tok, r.get("held_out", HELD_OUT)))
 
 
 def teach_text(llama: nn.Module, tok, recipe: dict | None = None, log: Callable = print) -> None:
@@ -483,5 +488,4 @@ def teach_text(llama: nn.Module, tok, recipe: dict | None = None, log: Callable 
                 f"({time.time() - t0:.0f}s)")
     llama.requires_grad_(False)
     llama.eval()
-    log(f"step-wise decoder: letter after the gold solution {letter_accuracy(llama, tok):.1f}%, "
-        f"look-up in words {words_lookup_accuracy(llama, tok):.1f}% ({by_name(llama, tok)}) (held out)")
+    log(held_out(llama, tok, r.get("held_out", HELD_OUT)))
