@@ -210,7 +210,7 @@ def test_two_train_commands_into_one_directory(tmp_path, capsys):
     args = [sys.executable, str(ROOT / "lsrm.py"), "train", "--out", str(out), *QUICK, "--set", "train.epochs=200",
             "--set", "train.ckpt_every=1", "--set", "train.workers=2", "--no-eval"]   # workers: forks sharing the lock
     a = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**CHILD_ENV, "PYTHONUNBUFFERED": "1"})
+                         env={**CHILD_ENV, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         while not (line := a.stdout.readline()).startswith("step"):          # A is training
             assert line, a.stderr.read()[-2000:]
@@ -222,7 +222,8 @@ def test_two_train_commands_into_one_directory(tmp_path, capsys):
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=60)
     finally:
-        a.kill()
+        with contextlib.suppress(ProcessLookupError):      # A's workers too: orphans of a killed run live on
+            os.killpg(a.pid, signal.SIGKILL)
         a.stdout.close()
         a.stderr.close()
     step = load_checkpoint(out / "checkpoint.pt")["step"]
