@@ -94,7 +94,7 @@ def smoke_recipe() -> dict:
 # Stage 6 (`teach_read`): the decoder trained on in-picture questions read through a throwaway memory
 READ_RECIPE = dict(
     seed=0, steps=3000, lr=1e-3, warmup=50,     # the decoder's lr: warmup, then half a cosine
-    memory_lr=0.0045,          # the throwaway memory's, held: the tiny recipe's fine-tuning lr (0.036 * 32 / 256)
+    memory_lr=0.0045,          # the throwaway memory's, held: the fine-tuning lr it was set from (0.036 * 32 / 256)
     pictures=12, own=12, docs=12, lookups=12, copies=8,     # rows per step: picture questions + stage 5's mix
     fact_weight=5.0,           # loss weight on each number the solution states that the question does not
 )
