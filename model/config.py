@@ -312,8 +312,8 @@ def _tiny() -> Config:
     direct = _tiny_direct()
     # the paper's 20 epochs, M from epoch 15, as tiny-direct: with 13 epochs the toy set's answers were within a
     # point, but another generator's 1,600-item set (650 steps) taught nothing from its pictures (docs/results.md)
-    # base_lr 16x the paper's (4x tiny-direct's): the adapters must teach this decoder new steps' wording and
-    # the read; seed 0, 0.036 / 0.072 / 0.108 / 0.144 / 0.216: IMG 65.00 / 71.04 / 71.25 / 72.50 / 69.79 (docs/results.md)
+    # base_lr 16x the paper's (4x tiny-direct's): the best of a sweep at seed 0, 0.036 / 0.072 / 0.108 / 0.144 /
+    # 0.216 -> IMG 65.00 / 71.04 / 71.25 / 72.50 / 69.79 (docs/results.md)
     train = dataclasses.replace(direct.train, data="tiny_data/scienceqa_stepwise", tiny_decoder="stepwise",
                                 prompt_format="QCM-EA", base_lr=0.144)
     return Config("tiny", direct.vit, direct.llama, direct.lsrm, train)
