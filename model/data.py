@@ -376,6 +376,7 @@ class VLDataset(torch.utils.data.Dataset):
         self.image_size, self.preprocess, self.max_len = image_size, preprocess, max_len
         self.cache: dict[Path, torch.Tensor] = {}                # path -> (3, S, S) uint8
         self.cache_room = cache_mb << 20                      # bytes still free in the cache
+        self._lengths: list[int] | None = None                # token_lengths(), once
 
     def __len__(self):
         return len(self.examples)
@@ -402,15 +403,25 @@ class VLDataset(torch.utils.data.Dataset):
     def check_lengths(self, source: Path, log=print) -> None:
         """Up front, before any work: every answer must fit in max_len (an error naming the item); items
         whose prompt will lose its start to fit are counted in one note."""
-        cut, longest = 0, (0, "")
+        cut, longest, lengths = 0, (0, ""), []
         for ex in self.examples:
             target, n = len(self.tok.encode(ex.target)) + 1, len(self.tok.encode(ex.prompt))
-            self.prompt_room(ex, target, source)
+            lengths.append(1 + min(n, self.prompt_room(ex, target, source)) + target)
             cut += 1 + n + target > self.max_len
             longest = max(longest, (1 + n + target, ex.id))
+        self._lengths = lengths
         if cut:
             log(f"note: {cut} of {len(self.examples)} items of {source} are longer than train.max_len={self.max_len} "
                 f"tokens (longest: item {longest[1]}, {longest[0]} tokens); the start of their prompts is dropped")
+
+    def token_lengths(self) -> list[int]:
+        """Each item's tokens as __getitem__ gives them (BOS, the prompt as cut, the target, EOS), without
+        decoding a picture: the trainer orders a step's items into micro-batches by them."""
+        if self._lengths is None:
+            targets = [len(self.tok.encode(ex.target)) + 1 for ex in self.examples]
+            self._lengths = [1 + min(len(self.tok.encode(ex.prompt)), self.prompt_room(ex, t)) + t
+                             for ex, t in zip(self.examples, targets)]
+        return self._lengths
 
     def prompt_room(self, ex: Example, target: int, source: Path | str = "") -> int:
         """Tokens left for the prompt after BOS and a `target` of so many tokens (with its EOS); none: an error."""

@@ -268,6 +268,49 @@ def test_sampler_takes_the_very_micro_batches_of_batch_indices(n, batch, micro, 
         assert list(sampler) == want and len(sampler) == len(want)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(8, 60), batch=st.sampled_from([4, 8, 12]), micro=st.integers(1, 8),
+       world=st.sampled_from([1, 2, 4]), seed=st.integers(0, 3), data=st.data())
+def test_micro_batches_ordered_by_length_hold_the_same_items(n, batch, micro, world, seed, data):
+    """Given the items' lengths, each process's share of a step is the same items, cut into micro-batches
+    shortest first; the sampler gives exactly those."""
+    if batch % world or n < batch:
+        return
+    lengths = data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n))
+    cfg = small_cfg(f"train.batch_size={batch}", f"train.micro_batch={micro}", f"train.seed={seed}")
+    steps = n // batch
+    for rank in range(world):
+        for s in range(2 * steps):
+            plain = batch_indices(n, cfg, *divmod(s, steps), rank, world)
+            ordered = batch_indices(n, cfg, *divmod(s, steps), rank, world, lengths)
+            flat = [j for mb in ordered for j in mb]
+            assert sorted(flat) == sorted(j for mb in plain for j in mb)
+            assert [len(mb) for mb in ordered] == [len(mb) for mb in plain]
+            assert [lengths[j] for j in flat] == sorted(lengths[j] for j in flat)
+        sampler = StepSampler(n, cfg, rank, world, 0, 2 * steps, lengths)
+        assert list(sampler) == [mb for s in range(2 * steps)
+                                 for mb in batch_indices(n, cfg, *divmod(s, steps), rank, world, lengths)]
+
+
+def test_token_lengths_are_the_items_lengths(dataset):
+    assert dataset.token_lengths() == [len(dataset[i]["tokens"]) for i in range(len(dataset))]
+    short = VLDataset(dataset.examples[:8], dataset.tok, 32, "clip", max_len=60)      # prompts cut to fit
+    assert short.token_lengths() == [len(short[i]["tokens"]) for i in range(8)]
+
+
+def test_length_ordered_micro_batches_give_the_whole_batchs_step(dataset, tmp_path):
+    """Steps of 8 items in micro-batches of 2, shortest first, move the adapters as the 8 at once."""
+    got, start = {}, adapter_state_dict(fresh_model(small_cfg()))
+    for micro in (8, 2):
+        cfg = small_cfg("train.epochs=1", f"train.micro_batch={micro}", "train.warmup_epochs=0", "lsrm.dropout=0",
+                        "vit.adapter_dropout=0")
+        model = fresh_model(cfg)
+        train(cfg, model, dataset, tmp_path / str(micro), stop_after=3, log=lambda s: None)
+        got[micro] = adapter_state_dict(model)
+    assert any(not torch.equal(start[k], got[8][k]) for k in start)
+    assert all(torch.allclose(got[8][k], got[2][k], atol=1e-5, rtol=1e-4) for k in got[8])
+
+
 def test_workers_change_no_number(dataset, tmp_path):
     """Batches built by 2 worker processes train exactly as batches built in the training process."""
     ds = dataset
