@@ -169,6 +169,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32             # effective (global) batch per optimizer step
     micro_batch: int = 32            # per process per forward; batch_size / (micro_batch * world) = accumulation
+                                     # (a step's items cut shortest first: less padding, the same gradient)
     base_lr: float = 9e-3            # lr = base_lr * batch_size / 256
     warmup_epochs: float = 2.0       # linear warmup per iteration, then half-cycle cosine to 0
     weight_decay: float = 0.02       # on >= 2-D weights only
