@@ -269,7 +269,8 @@ def report(cfg, result: dict) -> str:
         if result.get("hops"):
             out += ("\nstep by step: facts: the gold solution's steps that look a number up; names: % of them written "
                     "with the gold words; fact|nm: % of those with the number right too; deriv|f: % of the derived "
-                    "steps (a comparison) right where every fact is; ans|st: % of content answers right where every "
+                    "steps (a comparison) right where every fact is; text|f: % of the steps with no number (an object a "
+                    "read found) right where every fact is; ans|st: % of content answers right where every "
                     "step before is; lett|ans: % of letters right where the content answer is; probe / shuffl.: "
                     "teacher-forced, % of picture items whose looked-up numbers are all the model's next token, with "
                     "their own / another item's picture; num / num sh.: % of the looked-up number tokens, likewise")

@@ -213,6 +213,8 @@ def hop_record(gold: str, written: str, given: str, correct: bool) -> dict:
     facts         the gold's fact steps;  names: those written with the same words (numbers aside);
     facts_right   those written exactly (the looked-up number right too);
     derived / derived_right   derived steps and those right, counted only where every fact is right;
+    text / text_right         likewise the steps with no number (what a read found: "The shape nearest to
+                              it is the yellow triangle."), counted only where every fact is right;
     answer        the content answer step right, where every earlier step is (None where one is not);
     letter        the letter right, where the content answer step is right (None where it is not)."""
     g, w = solution_steps(gold), solution_steps(written)
@@ -220,10 +222,12 @@ def hop_record(gold: str, written: str, given: str, correct: bool) -> dict:
     at = lambda i: w[i] if i < len(w) else ""
     right = [at(i) == step for i, step in enumerate(g)]
     facts = [i for i, k in enumerate(kinds) if k == "fact"]
-    derived = [i for i, k in enumerate(kinds) if k == "derived"] if all(right[i] for i in facts) else []
+    after = all(right[i] for i in facts)                  # the later steps are scored where the facts are right
+    derived = [i for i, k in enumerate(kinds) if k == "derived"] if after else []
+    text = [i for i, k in enumerate(kinds) if k == "text"] if after else []
     return {"facts": len(facts), "names": sum(NUMBER.sub("#", at(i)) == NUMBER.sub("#", g[i]) for i in facts),
             "facts_right": sum(right[i] for i in facts), "derived": len(derived),
-            "derived_right": sum(right[i] for i in derived),
+            "derived_right": sum(right[i] for i in derived), "text": len(text), "text_right": sum(right[i] for i in text),
             "answer": right[-1] if g and all(right[:-1]) else None,
             "letter": bool(correct) if g and right[-1] else None}
 
@@ -231,7 +235,7 @@ def hop_record(gold: str, written: str, given: str, correct: bool) -> dict:
 def hop_metrics(records) -> dict[str, dict]:
     """Per question type (and "all"), from records with a "hops" entry (hop_record), in percent:
     names (of fact steps), fact | name (of those with the names right, the number right too), derived | facts,
-    answer | steps, letter | answer; with the counts each is a share of."""
+    text | facts, answer | steps, letter | answer; with the counts each is a share of."""
     groups: dict[str, list] = {"all": []}
     for r in records:
         if r.get("hops"):
@@ -244,12 +248,14 @@ def hop_metrics(records) -> dict[str, dict]:
     out = {}
     for k, rs in groups.items():
         h = [r["hops"] for r in rs]
-        total = {f: sum(x[f] for x in h) for f in ("facts", "names", "facts_right", "derived", "derived_right")}
+        total = {f: sum(x.get(f, 0) for x in h)             # text: absent from records of before 2026-12-05
+                 for f in ("facts", "names", "facts_right", "derived", "derived_right", "text", "text_right")}
         answers = [x["answer"] for x in h if x["answer"] is not None]
         letters = [x["letter"] for x in h if x["letter"] is not None]
         out[k] = {"n": len(rs), "image": any(r["has_image"] for r in rs), "facts": total["facts"],
                   "names": pct(total["names"], total["facts"]), "fact": pct(total["facts_right"], total["names"]),
                   "derived_n": total["derived"], "derived": pct(total["derived_right"], total["derived"]),
+                  "text_n": total["text"], "text": pct(total["text_right"], total["text"]),
                   "answer_n": len(answers), "answer": pct(sum(answers), len(answers)),
                   "letter_n": len(letters), "letter": pct(sum(letters), len(letters))}
     return out
@@ -261,12 +267,12 @@ def hop_table(hops: dict[str, dict], probe: dict | None = None) -> str:
     facts' number tokens right, likewise)}."""
     width = max([len(t) for t in hops] + [28])
     head = (f"{'question type':{width}} {'n':>5} {'facts':>6} {'names':>7} {'fact|nm':>8} {'deriv|f':>8} "
-            f"{'ans|st':>7} {'lett|ans':>8}" + (f" {'probe':>7} {'shuffl.':>7} {'num':>7} {'num sh.':>7}" if probe else ""))
+            f"{'text|f':>7} {'ans|st':>7} {'lett|ans':>8}" + (f" {'probe':>7} {'shuffl.':>7} {'num':>7} {'num sh.':>7}" if probe else ""))
     rows = [head]
     for k in sorted((k for k in hops if k != "all"), key=lambda k: (not hops[k]["image"], k)) + ["all"]:
         m = hops[k]
         row = (f"{k:{width}} {m['n']:>5} {m['facts']:>6} {_cell(m['names']):>7} {_cell(m['fact']):>8} "
-               f"{_cell(m['derived']):>8} {_cell(m['answer']):>7} {_cell(m['letter']):>8}")
+               f"{_cell(m['derived']):>8} {_cell(m.get('text')):>7} {_cell(m['answer']):>7} {_cell(m['letter']):>8}")
         if probe:
             row += "".join(f" {_cell(v):>7}" for v in probe.get(k, (None,) * 4))
         rows.append(row)

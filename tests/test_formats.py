@@ -348,17 +348,35 @@ def test_steps_and_their_kinds():
 
 
 @pytest.mark.parametrize("written, expected", [
-    (STEPWISE, dict(facts=2, names=2, facts_right=2, derived=1, derived_right=1, answer=True, letter=True)),
+    (STEPWISE, dict(facts=2, names=2, facts_right=2, derived=1, derived_right=1, text=0, text_right=0, answer=True, letter=True)),
     # the second fact's number wrong: its name still copied; nothing after it is scored
     ("The left jar holds 4. The right jar holds 3. 4 is more than 3. So the left jar.",
-     dict(facts=2, names=2, facts_right=1, derived=0, derived_right=0, answer=None, letter=None)),
+     dict(facts=2, names=2, facts_right=1, derived=0, derived_right=0, text=0, text_right=0, answer=None, letter=None)),
     # facts right, the comparison wrong: the answer is not scored, the letter is where the answer is right
     ("The left jar holds 4. The right jar holds 9. 4 is more than 9. So the right jar.",
-     dict(facts=2, names=2, facts_right=2, derived=1, derived_right=0, answer=None, letter=True)),
-    ("So the right jar.", dict(facts=2, names=0, facts_right=0, derived=0, derived_right=0, answer=None, letter=None)),
+     dict(facts=2, names=2, facts_right=2, derived=1, derived_right=0, text=0, text_right=0, answer=None, letter=True)),
+    ("So the right jar.", dict(facts=2, names=0, facts_right=0, derived=0, derived_right=0, text=0, text_right=0, answer=None, letter=None)),
 ])
 def test_hop_record(written, expected):
     assert hop_record(STEPWISE, written, "Which jar holds more?", correct=True) == expected
+
+
+NEAREST = "The blue triangle is in column 2, row 7. The shape nearest to it is the yellow triangle. So yellow."
+
+
+@pytest.mark.parametrize("written, text_right, answer", [
+    (NEAREST, 1, True),
+    # the look-up right, what the read found from it wrong: the text step is scored wrong, the answer not at all
+    (NEAREST.replace("yellow", "green"), 0, None),
+])
+def test_a_step_with_no_number_is_scored_where_the_facts_are_right(written, text_right, answer):
+    got = hop_record(NEAREST, written, "What colour is the shape nearest to the blue triangle?", correct=answer)
+    assert (got["facts_right"], got["text"], got["text_right"], got["answer"]) == (1, 1, text_right, answer)
+    wrong_fact = hop_record(NEAREST, written.replace("row 7", "row 6"), "", correct=False)
+    assert (wrong_fact["text"], wrong_fact["text_right"]) == (0, 0)          # not scored after a wrong fact
+    m = hop_metrics([dict(type="near", has_image=True, hops=got)])
+    assert m["near"]["text_n"] == 1 and m["near"]["text"] == 100 * text_right
+    assert hop_table(m).splitlines()[0].split()[6:8] == ["deriv|f", "text|f"]
 
 
 def test_hop_metrics_and_table():
