@@ -316,7 +316,7 @@ def _tiny() -> Config:
     # base_lr 16x the paper's (4x tiny-direct's): the best of a sweep at seed 0, 0.036 / 0.072 / 0.108 / 0.144 /
     # 0.216 -> IMG 65.00 / 71.04 / 71.25 / 72.50 / 69.79 (docs/results.md)
     # micro_batch 16: each step's 32 items in two micro-batches, shortest first (train.step_micro_batches): the
-    # same gradient; the chain solutions' lengths vary 2-4x, so a step pads 30% fewer tokens (188 -> 145 ms)
+    # same gradient; the chain solutions' lengths vary 2-4x, so a step pads 30% fewer tokens (188 -> 146 ms)
     train = dataclasses.replace(direct.train, data="tiny_data/scienceqa_stepwise", tiny_decoder="stepwise",
                                 prompt_format="QCM-EA", base_lr=0.144, micro_batch=16)
     return Config("tiny", direct.vit, direct.llama, direct.lsrm, train)
