@@ -405,10 +405,10 @@ class VLDataset(torch.utils.data.Dataset):
         whose prompt will lose its start to fit are counted in one note."""
         cut, longest, lengths = 0, (0, ""), []
         for ex in self.examples:
-            target, n = len(self.tok.encode(ex.target)) + 1, len(self.tok.encode(ex.prompt))
-            lengths.append(1 + min(n, self.prompt_room(ex, target, source)) + target)
-            cut += 1 + n + target > self.max_len
-            longest = max(longest, (1 + n + target, ex.id))
+            full = self._full_length(ex, source)
+            lengths.append(min(full, self.max_len))
+            cut += full > self.max_len
+            longest = max(longest, (full, ex.id))
         self._lengths = lengths
         if cut:
             log(f"note: {cut} of {len(self.examples)} items of {source} are longer than train.max_len={self.max_len} "
@@ -418,10 +418,14 @@ class VLDataset(torch.utils.data.Dataset):
         """Each item's tokens as __getitem__ gives them (BOS, the prompt as cut, the target, EOS), without
         decoding a picture: the trainer orders a step's items into micro-batches by them."""
         if self._lengths is None:
-            targets = [len(self.tok.encode(ex.target)) + 1 for ex in self.examples]
-            self._lengths = [1 + min(len(self.tok.encode(ex.prompt)), self.prompt_room(ex, t)) + t
-                             for ex, t in zip(self.examples, targets)]
+            self._lengths = [min(self._full_length(ex), self.max_len) for ex in self.examples]
         return self._lengths
+
+    def _full_length(self, ex: Example, source: Path | str = "") -> int:
+        """BOS + the whole prompt + the target + EOS, before any cut; an answer too long to fit is an error."""
+        target = len(self.tok.encode(ex.target)) + 1
+        self.prompt_room(ex, target, source)
+        return 1 + len(self.tok.encode(ex.prompt)) + target
 
     def prompt_room(self, ex: Example, target: int, source: Path | str = "") -> int:
         """Tokens left for the prompt after BOS and a `target` of so many tokens (with its EOS); none: an error."""
