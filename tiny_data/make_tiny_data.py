@@ -253,7 +253,7 @@ def clear_direction(a: dict, b: dict) -> str | None:
 # The least or most of several named numbers is found the same way, one comparison at a time (`chain`): the
 # map's farthest town, and the shape closest to an edge, whose shapes are first listed in an order that does
 # not give the answer away (palette, then shape). Written as one read of the picture ("The shape closest to
-# the left side is the green triangle."), that type was the oracle's weakest and LSRM's (44.64 and 55.36).
+# the left side is the green triangle."), that type was LSRM's weakest and the oracle's (44.64 and 55.36).
 # Words are not quoted in solutions: the word tokenizer spells '"wagon"' in bytes, " wagon" as one word.
 CELL = IMAGE_SIZE // 8
 
