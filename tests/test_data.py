@@ -142,13 +142,14 @@ def test_solutions_are_steps_that_lead_to_the_answer():
 
 
 def test_the_least_or_most_is_a_chain_of_named_comparisons():
-    """An extreme position (and the map's farthest town): the objects, each one's place on the question's axis,
-    then one named comparison at a time, the best so far first, its op the edge's (less toward the left or
-    top), each answered as its numbers say; the last best is the answer. Shapes are listed in palette order,
-    then shape order: never by place, which would give the answer away."""
+    """An extreme position, the shape beside another (the one closest to that edge) and the map's farthest town:
+    the objects, each one's place on the question's axis, then one named comparison at a time, the best so far
+    first, its op the edge's (less toward the left or top), each answered as its numbers say; the last best is
+    the answer. Shapes are listed in palette order, then shape order: never by place, which would give the
+    answer away."""
     import re
     rng = gen.Rng(11)
-    for make in (gen.q_extreme, gen.q_map_farthest):
+    for make in (gen.q_extreme, gen.q_colour_beside, gen.q_map_farthest):
         for _ in range(80):
             q = make(rng)
             names = re.findall(r"The (\w+ \w+) is in (?:column|row) (\d)\.", q.solution)
@@ -156,19 +157,24 @@ def test_the_least_or_most_is_a_chain_of_named_comparisons():
             by_name = {(f"{o['colour']} town" if make is gen.q_map_farthest else gen.name(o)): o for o in q.scene}
             assert sorted(by_name) == sorted(n for n, _ in names) and len(names) == len(q.scene)
             assert all(gen.cell(by_name[n], axis) == int(c) for n, c in names)
-            if make is gen.q_extreme:
+            if make is not gen.q_map_farthest:
                 assert q.solution.startswith(f"The shapes are {gen.join_and([f'the {n}' for n, _ in names])}. ")
                 assert [by_name[n] for n, _ in names] == sorted(q.scene, key=gen.canonical)
             steps = re.findall(r"the (\w+ \w+)'s (\d) (less|more) than the (\w+ \w+)'s (\d)\? (yes|no)\.", q.solution)
             assert len(steps) == len(names) - 1
             best = names[0][0]
             for (a, x, op, b, y, said), (nxt, _) in zip(steps, names[1:]):
-                assert (a, b) == (best, nxt) and op == ("less" if re.search(r"left|top|west|north", q.question) else "more")
+                assert (a, b) == (best, nxt) and op == ("less" if re.search(r"left|top|above|west|north", q.question)
+                                                        else "more")
                 assert (said == "yes") == (int(x) < int(y) if op == "less" else int(x) > int(y))
                 best = a if said == "yes" else b
             last = q.solution.rsplit(". ", 2)[-2] + "."            # the best named, then the content answer
             if make is gen.q_extreme:
                 edge = re.search(r"closest to the (.+) of the picture", q.question)[1]
+                assert last == f"The {best} is closest to the {edge}." and q.answer == by_name[best]["colour"]
+            elif make is gen.q_colour_beside:
+                side = re.search(r"(right|left|above|below)", q.question)[1]
+                edge = {"above": "top", "below": "bottom"}.get(side, f"{side} side")
                 assert last == f"The {best} is closest to the {edge}." and q.answer == by_name[best]["colour"]
             else:
                 assert last == f"The {best} is {q.answer}."
