@@ -324,6 +324,7 @@ def q_relation(rng):
 
 
 EDGES = {"top": ("y", min), "bottom": ("y", max), "left side": ("x", min), "right side": ("x", max)}
+SIDE_EDGES = {"to the right of": "right side", "to the left of": "left side", "above": "top", "below": "bottom"}
 
 
 def q_extreme(rng):
@@ -336,14 +337,22 @@ def q_extreme(rng):
         if (first := first_clearly(objects, axis, best)) is None or first["colour"] != want:
             return None
         question = f"What colour is the shape closest to the {edge} of the picture?"
-        listed = sorted(objects, key=canonical)                  # palette order, then shape order: not by place
-        facts = " ".join(f"The {name(o)} is {where(o, axis)}." for o in listed)
-        steps, found = chain([(f"the {name(o)}", cell(o, axis)) for o in listed], "less" if best is min else "more",
-                             question)
         return Q(question, list(COLOURS), first["colour"], scene=objects,
-                 solution=f"The shapes are {join_and([f'the {name(o)}' for o in listed])}. {facts} {steps} "
-                          f"{found.capitalize()} is closest to the {edge}. So {first['colour']}.")
+                 solution=closest_chain(objects, edge, question) + f" So {first['colour']}.")
     return until(make)
+
+
+def closest_chain(objects: list[dict], edge: str, question: str) -> str:
+    """Which shape is closest to an edge of EDGES, step by step: the shapes listed (palette order, then shape
+    order: not by place), each one's column or row, a chain of comparisons, then the winner named ("The blue
+    square is closest to the right side.")."""
+    axis, best = EDGES[edge]
+    listed = sorted(objects, key=canonical)
+    facts = " ".join(f"The {name(o)} is {where(o, axis)}." for o in listed)
+    steps, found = chain([(f"the {name(o)}", cell(o, axis)) for o in listed], "less" if best is min else "more",
+                         question)
+    return (f"The shapes are {join_and([f'the {name(o)}' for o in listed])}. {facts} {steps} "
+            f"{found.capitalize()} is closest to the {edge}.")
 
 
 def canonical(o: dict) -> tuple[int, int]:
@@ -363,24 +372,11 @@ def q_colour_beside(rng):
         if (other := only_beyond(objects, anchor, side)) is None or other["colour"] != want:
             return None
         r = ref(rng, anchor, objects)
+        # the one shape on that side, every other one clearly on the opposite side, is the closest to that edge
         question = f"What colour is the shape {side} {r}?"
         return Q(question, list(COLOURS), want, scene=objects,
-                 solution=closest_chain(objects, side, question) + f" So {want}.")
+                 solution=closest_chain(objects, SIDE_EDGES[side], question) + f" So {want}.")
     return until(make)
-
-
-def closest_chain(objects: list[dict], side: str, question: str) -> str:
-    """The one shape on `side` of another, every other shape clearly on the opposite side, is the shape closest
-    to that edge: found as an extreme position's is, in its words (the shapes listed, each one's column or row,
-    a chain of comparisons, "The blue square is closest to the right side."), the anchor's place never read."""
-    axis, sign = SIDES[side]
-    listed = sorted(objects, key=canonical)
-    facts = " ".join(f"The {name(o)} is {where(o, axis)}." for o in listed)
-    steps, found = chain([(f"the {name(o)}", cell(o, axis)) for o in listed], "more" if sign > 0 else "less",
-                         question)
-    edge = {"to the right of": "right side", "to the left of": "left side", "above": "top", "below": "bottom"}[side]
-    return (f"The shapes are {join_and([f'the {name(o)}' for o in listed])}. {facts} {steps} "
-            f"{found.capitalize()} is closest to the {edge}.")
 
 
 def q_count(rng):
